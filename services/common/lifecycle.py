@@ -1,0 +1,165 @@
+"""One start/stop order for every service.
+
+Start: gRPC and HTTP servers up (health NOT_SERVING), connect to NATS, let the
+service load and subscribe, then mark ready. Stop on SIGTERM/SIGINT: mark not
+ready, stop taking calls (in-flight calls finish), drain NATS subscriptions
+and wait for in-flight messages up to the grace period, close clients, flush
+telemetry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from dataclasses import dataclass
+from typing import ClassVar
+
+import grpc
+from aiohttp import web
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from services.common import metrics
+from services.common.bus import Bus
+from services.common.settings import CommonSettings
+from services.common.telemetry import setup_logging, setup_tracing
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    """What a running service gets from the shared runtime."""
+
+    service: str
+    settings: CommonSettings
+    bus: Bus
+    ready: asyncio.Event
+
+
+class Service:
+    """Base of the six services; override what applies."""
+
+    name: ClassVar[str] = "service"
+    #: gRPC service names reported by the health service besides "".
+    grpc_service_names: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, settings: CommonSettings) -> None:
+        self.settings = settings
+
+    def bind(self, rt: Runtime) -> None:
+        """Build adapters around the runtime; called before any server starts."""
+
+    async def start(self, rt: Runtime) -> None:
+        """Connect clients, load, subscribe. Called before the service is ready."""
+
+    async def stop(self) -> None:
+        """Close clients. Called after in-flight work finished."""
+
+    def add_grpc(self, server: grpc.aio.Server) -> None:
+        """Register gRPC servicers."""
+
+    def add_http(self, app: web.Application) -> None:
+        """Add HTTP routes besides /metrics, /healthz and /readyz."""
+
+    def grpc_options(self) -> list[tuple[str, int]]:
+        return []
+
+    def http_client_max_size(self) -> int:
+        return 1024**2
+
+
+def _base_app(rt: Runtime, service: Service) -> web.Application:
+    app = web.Application(client_max_size=service.http_client_max_size())
+
+    async def metrics_view(_: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "service": rt.service})
+
+    async def readyz(_: web.Request) -> web.Response:
+        ok = rt.ready.is_set() and rt.bus.connected
+        return web.json_response({"ready": ok, "service": rt.service}, status=200 if ok else 503)
+
+    app.router.add_get("/metrics", metrics_view)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    service.add_http(app)
+    return app
+
+
+async def _set_health(health: health_aio.HealthServicer, names: tuple[str, ...], serving: bool) -> None:
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in ("", *names):
+        await health.set(name, status)
+
+
+async def serve(service: Service) -> None:
+    settings = service.settings
+    name = service.name
+    setup_logging(name, settings.log_level)
+    provider = setup_tracing(name, traces_file=settings.traces_file, replica_id=settings.replica_id)
+    rt = Runtime(name, settings, Bus(name, max_inflight=settings.max_inflight), asyncio.Event())
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    service.bind(rt)
+    server = grpc.aio.server(options=service.grpc_options())
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    service.add_grpc(server)
+    names = (*service.grpc_service_names, name)
+    await _set_health(health, names, serving=False)
+    server.add_insecure_port(f"{settings.bind_host}:{settings.grpc_port}")
+    await server.start()
+    runner = web.AppRunner(_base_app(rt, service), shutdown_timeout=settings.drain_grace_s, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, settings.bind_host, settings.http_port).start()
+    log.info("%s listening: grpc %s, http %s", name, settings.grpc_port, settings.http_port)
+
+    async def start() -> None:
+        await rt.bus.connect(settings.nats_url)
+        await service.start(rt)
+
+    starting = asyncio.create_task(start())
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if starting.done() and starting.exception() is None:
+        rt.ready.set()
+        metrics.READY.labels(name).set(1)
+        await _set_health(health, names, serving=True)
+        log.info("%s ready", name)
+        await stop.wait()
+    elif starting.done():
+        log.error("%s failed to start: %s", name, starting.exception())
+    else:
+        starting.cancel()
+        with contextlib.suppress(BaseException):
+            await starting
+
+    log.info("%s stopping", name)
+    rt.ready.clear()
+    metrics.READY.labels(name).set(0)
+    await _set_health(health, names, serving=False)
+    await server.stop(settings.drain_grace_s)  # in-flight RPCs finish
+    await runner.cleanup()
+    await rt.bus.drain(settings.drain_grace_s)
+    await service.stop()
+    await rt.bus.close()
+    provider.shutdown()
+    log.info("%s stopped", name)
+    if starting.done() and not starting.cancelled() and starting.exception() is not None:
+        raise SystemExit(1)
+
+
+def run(service: Service) -> None:
+    """Entry point of every service's ``__main__``."""
+    import uvloop  # measured: lowers NATS round trips by a third (FIELD-NOTES)
+
+    uvloop.run(serve(service))

@@ -1,0 +1,32 @@
+"""The Prometheus metrics every Loom service exports (one process registry)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+MESSAGES = Counter(
+    "loom_messages_total", "NATS messages handled, by direction (in/out).", ["service", "subject", "direction"]
+)
+STAGE_DURATION = Histogram(
+    "loom_stage_duration_seconds",
+    "Time a stage spent on one message.",
+    ["service", "stage", "pipeline", "model", "version"],
+    buckets=LATENCY_BUCKETS,
+)
+ERRORS = Counter("loom_errors_total", "Errors raised while handling work, by code.", ["service", "code"])
+DEADLINE_DROPS = Counter(
+    "loom_deadline_drops_total", "Work dropped because its deadline had passed.", ["service", "stage"]
+)
+INFLIGHT = Gauge("loom_inflight", "Messages or requests being handled now.", ["service"])
+READY = Gauge("loom_ready", "1 when the service is ready to take work.", ["service"])
+
+# Gateway.
+REQUESTS = Counter("loom_requests_total", "Requests answered by the gateway.", ["pipeline", "code", "protocol"])
+REQUEST_DURATION = Histogram(
+    "loom_request_duration_seconds",
+    "End-to-end latency seen by the gateway.",
+    ["pipeline", "protocol"],
+    buckets=LATENCY_BUCKETS,
+)

@@ -1,0 +1,55 @@
+"""Pipeline specs: which inputs a pipeline takes and the stages each one visits.
+
+The skeleton ships the ``embed`` pipeline built in; declarative YAML specs in
+JetStream KV replace this registry in the multimodal work.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from services.common import subjects
+from services.common.errors import NotFound
+
+Modality = Literal["text"]
+
+
+class InputSpec(BaseModel):
+    modality: Modality
+    #: Subjects the part visits before fusion, in order.
+    stages: list[str]
+    required: bool = True
+
+
+class PipelineSpec(BaseModel):
+    name: str
+    inputs: dict[str, InputSpec]
+    deadline_ms: int = Field(5000, gt=0)
+    fusion: Literal["attach"] = "attach"
+
+
+EMBED = PipelineSpec(
+    name="embed",
+    inputs={
+        "text": InputSpec(
+            modality="text",
+            stages=[subjects.pre("text"), subjects.infer("minilm"), subjects.post("embed")],
+        )
+    },
+)
+
+
+class PipelineRegistry:
+    def __init__(self, specs: list[PipelineSpec] | None = None) -> None:
+        self._specs = {s.name: s for s in (specs if specs is not None else [EMBED])}
+
+    def get(self, name: str) -> PipelineSpec:
+        try:
+            return self._specs[name]
+        except KeyError:
+            raise NotFound(f"unknown pipeline {name!r}; known: {', '.join(sorted(self._specs))}") from None
+
+    def names(self) -> list[str]:
+        return sorted(self._specs)

@@ -1,0 +1,46 @@
+"""NATS subject names, in one place.
+
+Every subject Loom uses is built here, so no module spells ``loom.`` by hand.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+PREFIX = "loom"
+TELEMETRY_ALL = f"{PREFIX}.tel.>"
+
+
+def pre(modality: str) -> str:
+    """Preprocessing for one input modality, e.g. ``loom.pre.text``."""
+    return f"{PREFIX}.pre.{modality}"
+
+
+def infer(model: str) -> str:
+    """Inference on one model, e.g. ``loom.infer.minilm``."""
+    return f"{PREFIX}.infer.{model}"
+
+
+def post(task: str) -> str:
+    """Postprocessing for one task, e.g. ``loom.post.embed``."""
+    return f"{PREFIX}.post.{task}"
+
+
+def fuse(partition: int) -> str:
+    """One fusion partition: every part of a request meets on the same one."""
+    return f"{PREFIX}.fuse.{partition}"
+
+
+def fuse_partition(request_id: str, partitions: int) -> int:
+    """The partition that owns ``request_id`` (stable across processes)."""
+    return zlib.crc32(request_id.encode()) % max(1, partitions)
+
+
+def telemetry(service: str) -> str:
+    """Where ``service`` publishes its per-message telemetry events."""
+    return f"{PREFIX}.tel.{service}"
+
+
+def last_token(subject: str) -> str:
+    """``loom.infer.minilm`` -> ``minilm``."""
+    return subject.rsplit(".", 1)[-1]

@@ -1,0 +1,106 @@
+"""Tracing and logging set-up, and W3C trace-context propagation helpers.
+
+Spans go to OTLP when ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set (the standard
+variable, so a real collector needs nothing else), and/or to a JSON-lines file
+when ``LOOM_TRACES_FILE`` is set, which is what the tests read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+
+TRACEPARENT = "traceparent"
+
+
+class JsonLinesSpanExporter(SpanExporter):
+    """Appends one compact JSON object per finished span to a file."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._lock = threading.Lock()
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        lines = [json.dumps(span_to_dict(s), separators=(",", ":")) for s in spans]
+        with self._lock, open(self._path, "a", encoding="utf-8") as fh:
+            fh.write("\n".join(lines) + "\n")
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        return None
+
+
+def span_to_dict(span: ReadableSpan) -> dict[str, Any]:
+    ctx = span.get_span_context()
+    assert ctx is not None
+    parent = span.parent
+    return {
+        "name": span.name,
+        "trace_id": format(ctx.trace_id, "032x"),
+        "span_id": format(ctx.span_id, "016x"),
+        "parent_id": format(parent.span_id, "016x") if parent else None,
+        "kind": span.kind.name,
+        "service": span.resource.attributes.get("service.name"),
+        "replica": span.resource.attributes.get("service.instance.id"),
+        "start_ns": span.start_time,
+        "end_ns": span.end_time,
+        "status": span.status.status_code.name,
+        "attributes": dict(span.attributes or {}),
+    }
+
+
+def setup_tracing(service: str, *, traces_file: str = "", replica_id: str = "") -> TracerProvider:
+    """Install a global tracer provider for ``service`` and return it."""
+    attrs: dict[str, Any] = {"service.name": service, "service.namespace": "loom"}
+    attrs["service.instance.id"] = replica_id or f"{service}-{os.getpid()}"
+    provider = TracerProvider(resource=Resource.create(attrs))
+    if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    if traces_file:
+        provider.add_span_processor(BatchSpanProcessor(JsonLinesSpanExporter(traces_file), schedule_delay_millis=200))
+    trace.set_tracer_provider(provider)
+    return provider
+
+
+def inject(headers: dict[str, str]) -> dict[str, str]:
+    """Write the current span's ``traceparent`` into ``headers``."""
+    propagate.inject(headers)
+    return headers
+
+
+def extract(headers: Mapping[str, str] | None) -> otel_context.Context:
+    return propagate.extract(dict(headers or {}))
+
+
+def current_trace_id() -> str:
+    ctx = trace.get_current_span().get_span_context()
+    return format(ctx.trace_id, "032x") if ctx.is_valid else ""
+
+
+class _TraceIdFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.trace_id = current_trace_id() or "-"
+        return True
+
+
+def setup_logging(service: str, level: str) -> None:
+    handler = logging.StreamHandler()
+    handler.addFilter(_TraceIdFilter())
+    handler.setFormatter(
+        logging.Formatter(f"%(asctime)s %(levelname)s {service} %(name)s trace=%(trace_id)s %(message)s")
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())

@@ -1,0 +1,1 @@
+"""The gateway: gRPC and HTTP entry, validation, split into parts, wait for fusion."""

@@ -1,0 +1,1 @@
+"""Inference: runs parts through models on Triton."""

@@ -1,0 +1,1 @@
+"""Monitor: consumes every service's telemetry; per-stage counts and latency."""

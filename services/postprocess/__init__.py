@@ -1,0 +1,1 @@
+"""Postprocess: turns model outputs into answers (normalised embedding + labels)."""

@@ -1,0 +1,34 @@
+from __future__ import annotations
+
+from services.common.settings import CommonSettings, service_field
+
+DEFAULT_LABELS = {
+    "sports": "sports, athletes, games, matches and tournaments",
+    "technology": "technology, computers, software, the internet and gadgets",
+    "finance": "finance, money, markets, stocks, banks and the economy",
+    "politics": "politics, government, elections, laws and diplomacy",
+    "health": "health, medicine, doctors, illness and fitness",
+    "science": "science, research, physics, biology and space",
+    "food": "food, cooking, recipes, restaurants and eating",
+    "travel": "travel, holidays, flights, hotels and tourism",
+    "music": "music, songs, concerts, instruments and bands",
+    "weather": "weather, rain, storms, temperature and climate",
+}
+
+
+class PostprocessSettings(CommonSettings):
+    """Postprocess settings (``LOOM_POSTPROCESS_*``)."""
+
+    grpc_port: int = service_field("postprocess", "grpc_port", 50054, "gRPC port (health).")
+    http_port: int = service_field("postprocess", "http_port", 9104, "HTTP port (/metrics, /healthz, /readyz).")
+    labels: dict[str, str] = service_field(
+        "postprocess",
+        "labels",
+        DEFAULT_LABELS,
+        "Zero-shot label set as a JSON object {label: description}; descriptions are embedded at start.",
+    )
+    top_k: int = service_field("postprocess", "top_k", 3, "Labels returned per answer.")
+    text_model: str = service_field("postprocess", "text_model", "minilm", "Model used to embed label descriptions.")
+    startup_timeout_s: float = service_field(
+        "postprocess", "startup_timeout_s", 300.0, "How long to keep trying to embed the labels at start."
+    )

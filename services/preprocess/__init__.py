@@ -1,0 +1,1 @@
+"""Preprocess: turns raw inputs into model tensors (text: tokenization)."""
