@@ -15,6 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 import nats
+import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -22,7 +23,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
 from services.common import metrics
-from services.common.errors import Unavailable
+from services.common.errors import NATS_ERROR_CODE, DeadlineExceeded, Unavailable, error_from_nats_headers
 from services.common.telemetry import extract, inject
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,32 @@ class Bus:
             hdrs = inject(dict(headers or {}))
             await self.nc.publish(subject, payload, headers=hdrs)
         metrics.MESSAGES.labels(self.service, _metric_subject(subject), "out").inc()
+
+    async def request(
+        self, subject: str, payload: bytes, *, timeout: float, headers: dict[str, str] | None = None
+    ) -> Msg:
+        """Request/reply inside a CLIENT span; no responder is UNAVAILABLE, silence DEADLINE_EXCEEDED."""
+        attrs: dict[str, str | int] = {
+            "messaging.system": "nats",
+            "messaging.operation.type": "send",
+            "messaging.destination.name": subject,
+        }
+        with self._tracer.start_as_current_span(f"send {subject}", kind=SpanKind.CLIENT, attributes=attrs):
+            try:
+                reply = await self.nc.request(subject, payload, timeout=timeout, headers=inject(dict(headers or {})))
+            except nats.errors.NoRespondersError:
+                raise Unavailable(f"no service answers on {subject}") from None
+            except nats.errors.TimeoutError:
+                raise DeadlineExceeded(f"no reply on {subject} within {timeout:.3f}s") from None
+        metrics.MESSAGES.labels(self.service, _metric_subject(subject), "out").inc()
+        if reply.headers and NATS_ERROR_CODE in reply.headers:
+            raise error_from_nats_headers(reply.headers)
+        return reply
+
+    async def respond(self, msg: Msg, payload: bytes, headers: dict[str, str] | None = None) -> None:
+        """Answer a request (the reply travels on the requester's inbox)."""
+        if msg.reply:
+            await self.publish(msg.reply, payload, headers)
 
     async def subscribe(self, subject: str, handler: MsgHandler, *, queue: str = "") -> None:
         """Handle ``subject`` with ``handler``, at most ``max_inflight`` at once."""

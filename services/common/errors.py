@@ -136,3 +136,13 @@ def http_body(err: LoomError, **extra: str) -> dict[str, object]:
 
 def nats_headers(err: LoomError) -> dict[str, str]:
     return {NATS_ERROR: err.message, NATS_ERROR_CODE: str(http_status(err))}
+
+
+def error_from_nats_headers(headers: dict[str, str]) -> LoomError:
+    """Rebuild an error from a NATS reply's service-error headers."""
+    by_http = {m.http: code for code, m in TABLE.items()}
+    try:
+        code = by_http.get(int(headers.get(NATS_ERROR_CODE, "500")), Code.INTERNAL)
+    except ValueError:
+        code = Code.INTERNAL
+    return from_code(code, headers.get(NATS_ERROR, "error"))

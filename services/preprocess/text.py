@@ -38,6 +38,8 @@ class TextTokenizer:
             raise InvalidArgument("text is empty after normalisation")
         enc = self.tokenizer.encode(normalised)
         ids = np.asarray(enc.ids, dtype=np.int64)
+        if len(ids) <= 2:  # only [CLS] and [SEP]: e.g. nothing but zero-width characters
+            raise InvalidArgument("text contains no tokens")
         tensors = {
             "input_ids": ids,
             "attention_mask": np.asarray(enc.attention_mask, dtype=np.int64),

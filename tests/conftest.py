@@ -1,0 +1,35 @@
+"""Fixtures: real nats-server, real tritonserver, real service processes.
+
+Where a Docker engine answers, NATS comes from testcontainers; here there is
+none, so the same fixture starts the local ``nats-server`` binary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from services.common.launch.mesh import Mesh, free_ports
+from tests.support import NatsHandle, start_nats
+
+
+@pytest.fixture(scope="session")
+def mesh() -> Iterator[Mesh]:
+    """The whole mesh on free ports, every process writing its spans to a file."""
+    m = Mesh(ports=free_ports(), traces=True)
+    try:
+        m.start(timeout=240)
+        yield m
+    finally:
+        m.stop()
+
+
+@pytest.fixture
+def nats_server() -> Iterator[NatsHandle]:
+    """A fresh NATS server with JetStream for one test."""
+    handle = start_nats()
+    try:
+        yield handle
+    finally:
+        handle.stop()
