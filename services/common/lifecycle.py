@@ -101,7 +101,7 @@ async def _set_health(health: health_aio.HealthServicer, names: tuple[str, ...],
 async def serve(service: Service) -> None:
     settings = service.settings
     name = service.name
-    setup_logging(name, settings.log_level)
+    setup_logging(name, settings.log_level, settings.replica_id)
     provider = setup_tracing(name, traces_file=settings.traces_file, replica_id=settings.replica_id)
     rt = Runtime(name, settings, Bus(name, max_inflight=settings.max_inflight), asyncio.Event())
     stop = asyncio.Event()

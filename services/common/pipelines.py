@@ -26,7 +26,8 @@ class InputSpec(BaseModel):
 class PipelineSpec(BaseModel):
     name: str
     inputs: dict[str, InputSpec]
-    deadline_ms: int = Field(5000, gt=0)
+    #: Default deadline of this pipeline; None means the gateway's default.
+    deadline_ms: int | None = Field(None, gt=0)
     fusion: Literal["attach"] = "attach"
 
 

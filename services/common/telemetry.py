@@ -95,11 +95,11 @@ class _TraceIdFilter(logging.Filter):
         return True
 
 
-def setup_logging(service: str, level: str) -> None:
+def setup_logging(service: str, level: str, replica_id: str = "") -> None:
     handler = logging.StreamHandler()
     handler.addFilter(_TraceIdFilter())
     handler.setFormatter(
-        logging.Formatter(f"%(asctime)s %(levelname)s {service} %(name)s trace=%(trace_id)s %(message)s")
+        logging.Formatter(f"%(asctime)s %(levelname)s {replica_id or service} %(name)s trace=%(trace_id)s %(message)s")
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]

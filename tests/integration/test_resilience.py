@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 
@@ -92,3 +94,42 @@ def test_triton_outage_is_unavailable_within_the_deadline_then_heals(mesh: Mesh)
     eventually(healed, timeout=60, interval=0.5)
     assert {name: proc.pid for name, proc in mesh.services.items()} == pids
     assert all(proc.running() for proc in mesh.services.values())
+
+
+def test_sigterm_drains_a_gateway_without_dropping_its_requests(mesh: Mesh) -> None:
+    ports = {"grpc": free_port(), "http": free_port()}
+    gw = mesh.start_service(
+        "gateway",
+        "gateway-1",
+        {"LOOM_GATEWAY_GRPC_PORT": str(ports["grpc"]), "LOOM_GATEWAY_HTTP_PORT": str(ports["http"])},
+    )
+    try:
+        mesh.wait_serving("gateway-1", ports["grpc"])
+        url = f"http://127.0.0.1:{ports['http']}"
+        results: list[int] = []
+
+        def call(i: int) -> None:
+            results.append(predict_http(url, f"in flight during shutdown {i}", timeout_ms=4000)[0])
+
+        # Freeze preprocess so the requests are surely in flight when SIGTERM lands.
+        pre = mesh.services["preprocess-0"]
+        os.kill(pre.pid, signal.SIGSTOP)
+        try:
+            threads = [threading.Thread(target=call, args=(i,)) for i in range(8)]
+            for t in threads:
+                t.start()
+            time.sleep(0.5)
+            assert gw.proc is not None
+            gw.proc.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            assert gw.running(), "the gateway quit with requests in flight"
+            assert results == []
+        finally:
+            os.kill(pre.pid, signal.SIGCONT)
+        for t in threads:
+            t.join(30)
+        assert gw.proc.wait(30) == 0  # a clean exit, not a kill
+        assert results.count(200) == 8, results
+    finally:
+        gw.stop()
+        mesh.services.pop("gateway-1", None)

@@ -99,7 +99,8 @@ class Mesh:
 
     # -- processes --------------------------------------------------------
     def service_env(self, name: str, replica: str, overrides: dict[str, str] | None = None) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("LOOM_")}
+        # The caller's LOOM_* settings pass through; wiring (addresses, ports) is ours.
+        env = dict(os.environ)
         env.update(self.env)
         env["PYTHONPATH"] = str(ROOT)
         env["LOOM_NATS_URL"] = self.nats_url

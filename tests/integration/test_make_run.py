@@ -1,0 +1,78 @@
+"""`make run`'s launcher: ready banner, a working request, clean stop on Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from services.common.launch.mesh import DEFAULT_PORTS, ROOT
+from services.common.launch.procs import free_port
+from tests.support import predict_http
+
+pytestmark = pytest.mark.integration
+
+
+def mesh_pids(nats_port: int) -> set[int]:
+    """Our processes of this mesh: every one carries the NATS port in its env or argv."""
+    marks = (f"LOOM_NATS_PORT={nats_port}".encode(), f"nats://127.0.0.1:{nats_port}".encode())
+    found = set()
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            blob = (proc / "environ").read_bytes() + (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        argv = (proc / "cmdline").read_bytes() if (proc / "cmdline").exists() else b""
+        if any(m in blob for m in marks) or (b"nats-server" in argv and str(nats_port).encode() in argv):
+            found.add(int(proc.name))
+    found.discard(os.getpid())
+    return found
+
+
+def shm_regions() -> set[str]:
+    return {p.name for p in Path("/dev/shm").glob("triton_python_backend_shm_region_*")}
+
+
+def test_launcher_serves_then_stops_everything(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOOM_")}
+    ports = {name: free_port() for name in DEFAULT_PORTS}
+    env.update({f"LOOM_{name.upper()}_PORT": str(port) for name, port in ports.items()})
+    shm_before = shm_regions()
+    out = open(tmp_path / "launcher.log", "w+")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.common.launch"],
+        cwd=ROOT,
+        env=env,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while "Loom is ready" not in (tmp_path / "launcher.log").read_text():
+            assert proc.poll() is None, (tmp_path / "launcher.log").read_text()
+            assert time.monotonic() < deadline, "launcher never became ready"
+            time.sleep(0.5)
+        banner = (tmp_path / "launcher.log").read_text()
+        gateway = f"http://127.0.0.1:{ports['gateway_http']}"
+        assert f"{gateway}/v1/pipelines/embed:predict" in banner and "curl" in banner
+        status, body = predict_http(gateway, "the launcher works")
+        assert status == 200 and len(body["outputs"]["text"]["embedding"]) == 384
+
+        running = mesh_pids(ports["nats"])
+        assert len(running) >= 9, running  # launcher, nats-server, tritonserver (+stub), six services
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    log = (tmp_path / "launcher.log").read_text()
+    assert "stopped in" in log
+    assert mesh_pids(ports["nats"]) == set()  # no orphans
+    assert shm_regions() <= shm_before  # Triton's python-backend regions are gone
