@@ -15,14 +15,17 @@ from tests.support import NatsHandle, start_nats
 
 
 @pytest.fixture(scope="session")
-def mesh() -> Iterator[Mesh]:
+def mesh(request: pytest.FixtureRequest) -> Iterator[Mesh]:
     """The whole mesh on free ports, every process writing its spans to a file."""
     m = Mesh(ports=free_ports(), traces=True)
     try:
         m.start(timeout=240)
         yield m
     finally:
-        m.stop()
+        failed = request.session.testsfailed > 0
+        m.stop(remove_workdir=not failed)
+        if failed:
+            print(f"\nmesh logs kept in {m.workdir / 'logs'}")
 
 
 @pytest.fixture

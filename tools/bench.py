@@ -79,6 +79,8 @@ class LevelResult:
     wall_s: float = 0.0
     #: Mean batch size Triton executed during the level (its own counters), NaN if unknown.
     triton_batch: float = float("nan")
+    #: Share of all CPUs used during the level by processes outside this benchmark's tree, in percent.
+    foreign_cpu_pct: float = float("nan")
 
     @property
     def ok(self) -> int:
@@ -188,6 +190,43 @@ def http_call(session: aiohttp.ClientSession, url: str, text: str) -> Call:
     return call
 
 
+def _cpu_busy_s() -> float:
+    """Busy CPU seconds of the whole machine, summed over CPUs (/proc/stat)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _tree_cpu_s(root: int) -> float:
+    """CPU seconds used so far by ``root`` and all its descendants (the mesh is started by this process)."""
+    children: dict[int, list[int]] = {}
+    used: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            rest = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        pid = int(entry.name)
+        children.setdefault(int(rest[1]), []).append(pid)  # ppid
+        used[pid] = int(rest[11]) + int(rest[12])  # utime + stime
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        total += used.get(pid, 0)
+        todo.extend(children.get(pid, ()))
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_snapshot() -> tuple[float, float]:
+    """(machine busy CPU s, this benchmark's tree CPU s); their deltas tell how much else ran."""
+    try:
+        return _cpu_busy_s(), _tree_cpu_s(os.getpid())
+    except (OSError, ValueError, IndexError):
+        return float("nan"), float("nan")
+
+
 async def triton_counters(session: aiohttp.ClientSession, url: str) -> tuple[float, float]:
     """(successful requests, executions) of ``minilm`` from Triton's /metrics; their ratio is the mean batch."""
     requests = executions = 0.0
@@ -272,14 +311,19 @@ async def measure(
             for name in TARGETS:
                 await closed_loop(calls[name], name, level, max(level, warmup // 4))  # short re-warm per level
                 before = await triton_counters(session, metrics_url)
+                cpu_before = cpu_snapshot()
                 res = await closed_loop(calls[name], name, level, requests)
+                cpu_after = cpu_snapshot()
                 after = await triton_counters(session, metrics_url)
+                foreign = (cpu_after[0] - cpu_before[0]) - (cpu_after[1] - cpu_before[1])
+                res.foreign_cpu_pct = max(0.0, 100.0 * foreign / (res.wall_s * (os.cpu_count() or 1)))
                 if after[1] > before[1]:
                     res.triton_batch = (after[0] - before[0]) / (after[1] - before[1])
                 results.append(res)
                 print(
                     f"  c={level:<3} {name:<13} p50 {res.p50:7.2f} ms  p99 {res.p99:7.2f} ms  "
-                    f"{res.throughput:8.1f} req/s  Triton batch {res.triton_batch:5.1f}  errors {res.errors}",
+                    f"{res.throughput:8.1f} req/s  Triton batch {res.triton_batch:5.1f}  "
+                    f"other CPU {res.foreign_cpu_pct:3.0f}%  errors {res.errors}",
                     file=sys.stderr,
                     flush=True,
                 )
@@ -350,13 +394,14 @@ def by_key(results: list[LevelResult]) -> dict[tuple[str, int], LevelResult]:
 def results_table(results: list[LevelResult]) -> list[str]:
     lines = [
         "| path | concurrency | requests | p50 ms | p90 ms | p99 ms | mean ms | throughput req/s "
-        "| Triton mean batch | errors |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| Triton mean batch | other CPU % | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         lines.append(
             f"| {TARGET_LABEL[r.target]} | {r.concurrency} | {r.requests} | {r.p50:.2f} | {r.p90:.2f} | "
-            f"{r.p99:.2f} | {r.mean:.2f} | {r.throughput:.1f} | {r.triton_batch:.1f} | {r.errors} |"
+            f"{r.p99:.2f} | {r.mean:.2f} | {r.throughput:.1f} | {r.triton_batch:.1f} | "
+            f"{r.foreign_cpu_pct:.0f} | {r.errors} |"
         )
     return lines
 
@@ -413,7 +458,10 @@ def interpretation(run: BenchRun, levels: list[int]) -> list[str]:
         "backend stub, six services), so at high concurrency every path is partly client-bound and the numbers "
         "are a lower bound on what the services can do with cores of their own. These are the numbers of one "
         f"run on a shared machine (load average {run.load_before[0]:.2f} before, {run.load_after[0]:.2f} "
-        "after; other work may have run at the same time): expect noise of tens of percent, especially at p99. "
+        f"after; up to {max(r.foreign_cpu_pct for r in run.results):.0f}% of the CPUs went to other work during "
+        "a level, see the *other CPU %* column). On the shared 2-core machine this tool was written on, "
+        "repeated runs differed by up to 2x in throughput at concurrency 32 and by tens of percent at "
+        "concurrency 1, p99 most of all. "
         "Re-run `make bench` on your machine before drawing conclusions.",
     ]
     return lines
@@ -465,7 +513,9 @@ def markdown(run: BenchRun, args: argparse.Namespace, levels: list[int]) -> str:
         "- Measured: per-request latency on the client (`time.perf_counter()` around the awaited call, so it "
         "includes client serialisation and the answer's parsing); p50/p90/p99 by linear interpolation; "
         "throughput = answered requests / wall time of the level; Triton mean batch = Triton's own "
-        "`nv_inference_request_success` / `nv_inference_exec_count` for `minilm` over the level. "
+        "`nv_inference_request_success` / `nv_inference_exec_count` for `minilm` over the level; other CPU % = "
+        "CPU used on the machine during the level by processes outside this benchmark and the mesh it started, "
+        "as a share of all cores (/proc), a gauge of how disturbed the level was. "
         "An error is any exception, non-200, "
         "degraded answer or embedding that is not 384 floats.",
         "",

@@ -193,18 +193,24 @@ def test_concurrent_different_lengths_batch_and_match_single(server: TritonServe
         barrier.wait()
         return _infer(clients[i], encoder.encode([texts[i]]))[0]
 
-    before = _metrics(server.metrics_url)
-    with ThreadPoolExecutor(len(texts)) as pool:
-        concurrent = list(pool.map(call, range(len(texts))))
-    after = _metrics(server.metrics_url)
-
-    for got, single in zip(concurrent, singles, strict=True):
-        np.testing.assert_allclose(got, single, atol=1e-3)
-        assert float(_normalise(got) @ _normalise(single)) > 0.9999
-    requests = after["nv_inference_request_success"] - before["nv_inference_request_success"]
-    executions = after["nv_inference_exec_count"] - before["nv_inference_exec_count"]
-    assert requests == len(texts)
-    assert executions < requests, "dynamic batcher formed no batch"
+    # Whether a burst meets inside the 2 ms queue window depends on the CPU
+    # being free; a few bursts on a busy 2-core machine make it certain.
+    batched = False
+    for _ in range(5):
+        before = _metrics(server.metrics_url)
+        with ThreadPoolExecutor(len(texts)) as pool:
+            concurrent = list(pool.map(call, range(len(texts))))
+        after = _metrics(server.metrics_url)
+        for got, single in zip(concurrent, singles, strict=True):
+            np.testing.assert_allclose(got, single, atol=1e-3)
+            assert float(_normalise(got) @ _normalise(single)) > 0.9999
+        requests = after["nv_inference_request_success"] - before["nv_inference_request_success"]
+        executions = after["nv_inference_exec_count"] - before["nv_inference_exec_count"]
+        assert requests == len(texts)
+        if executions < requests:
+            batched = True
+            break
+    assert batched, "dynamic batcher formed no batch in five bursts"
 
 
 def test_bad_request_fails_alone(server: TritonServer, encoder: Encoder) -> None:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
 import signal
 import sys
 import threading
 import time
 
-from services.common.launch.mesh import SERVICES, Mesh
+from services.common.launch.mesh import ROOT, SERVICES, Mesh
 
 
 def banner(mesh: Mesh) -> str:
@@ -33,7 +34,10 @@ def main() -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    mesh = Mesh()
+    # Logs stay in .loom/run/logs after Ctrl-C; the JetStream store is fresh each run.
+    workdir = ROOT / ".loom" / "run"
+    shutil.rmtree(workdir, ignore_errors=True)
+    mesh = Mesh(workdir=workdir)
     try:
         print("starting Loom ...", flush=True)
         mesh.start()
@@ -50,7 +54,8 @@ def main() -> int:
     finally:
         print("stopping Loom ...", flush=True)
         t0 = time.monotonic()
-        mesh.stop()
+        mesh.stop(remove_workdir=False)
+        shutil.rmtree(workdir / "jetstream", ignore_errors=True)
         print(f"stopped in {time.monotonic() - t0:.1f}s", flush=True)
     return 0
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -170,7 +171,8 @@ class Mesh:
             self.wait_serving(f"{name}-0", self.ports[f"{name}_grpc"], timeout)
         return self
 
-    def stop(self) -> None:
+    def stop(self, *, remove_workdir: bool = True) -> None:
+        """Stop every process (entry first), then delete the work folder unless asked to keep it."""
         # Entry first, so nothing new comes in while the rest drains.
         for replica in sorted(self.services, key=lambda r: r.split("-")[0] != "gateway"):
             self.services[replica].stop(timeout=15)
@@ -181,3 +183,5 @@ class Mesh:
         if self.nats is not None:
             self.nats.stop()
             self.nats = None
+        if remove_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
