@@ -242,6 +242,7 @@ class TritonServer:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
 
     def is_running(self) -> bool:
@@ -366,6 +367,14 @@ class TritonServer:
 
     def __repr__(self) -> str:
         return f"TritonServer(repo={self.model_repository}, grpc={self.grpc_url}, pid={self.pid})"
+
+
+def _die_with_parent() -> None:
+    # In the child before exec: SIGTERM it if its starter dies, so a crashed
+    # launcher or test run leaves no tritonserver behind.
+    import ctypes
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
 
 
 def _shm_regions() -> set[str]:

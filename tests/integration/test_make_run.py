@@ -24,6 +24,8 @@ def mesh_pids(nats_port: int) -> set[int]:
     found = set()
     for proc in Path("/proc").glob("[0-9]*"):
         try:
+            if (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                continue  # a zombie is dead; reaping it is its new parent's business
             blob = (proc / "environ").read_bytes() + (proc / "cmdline").read_bytes()
         except OSError:
             continue
@@ -76,3 +78,35 @@ def test_launcher_serves_then_stops_everything(tmp_path: Path) -> None:
     assert "stopped in" in log
     assert mesh_pids(ports["nats"]) == set()  # no orphans
     assert shm_regions() <= shm_before  # Triton's python-backend regions are gone
+
+
+def test_a_killed_launcher_leaves_no_orphans(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOOM_")}
+    ports = {name: free_port() for name in DEFAULT_PORTS}
+    env.update({f"LOOM_{name.upper()}_PORT": str(port) for name, port in ports.items()})
+    log = tmp_path / "launcher.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "services.common.launch"],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 240
+        while "Loom is ready" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.5)
+        assert len(mesh_pids(ports["nats"])) >= 9
+        proc.kill()  # no chance to clean up: the children must notice on their own
+        proc.wait()
+        deadline = time.monotonic() + 30
+        while mesh_pids(ports["nats"]) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        left = {pid: Path(f"/proc/{pid}/cmdline").read_bytes()[:120] for pid in mesh_pids(ports["nats"])}
+        assert left == {}
+    finally:
+        for pid in mesh_pids(ports["nats"]):
+            os.kill(pid, signal.SIGKILL)

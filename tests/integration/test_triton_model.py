@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import re
-import socket
 import threading
 import time
 import urllib.request
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from services.common.launch.procs import free_port
 from services.common.triton_server import (
     SHM_PREFIX,
     TritonServer,
@@ -35,12 +35,6 @@ import tritonclient.grpc as grpcclient  # noqa: E402
 REPO = Path(__file__).resolve().parents[2] / "deploy" / "triton"
 MODEL = "minilm"
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _package_dir(name: str) -> Path:
@@ -135,9 +129,9 @@ def encoder() -> Encoder:
 def server() -> Iterator[TritonServer]:
     srv = TritonServer(
         REPO,
-        http_port=_free_port(),
-        grpc_port=_free_port(),
-        metrics_port=_free_port(),
+        http_port=free_port(),
+        grpc_port=free_port(),
+        metrics_port=free_port(),
     )
     srv.start()
     try:
@@ -243,9 +237,9 @@ def test_stop_leaves_no_process_and_no_shm(tmp_path: Path) -> None:
     before = _shm_regions()
     srv = TritonServer(
         REPO,
-        http_port=_free_port(),
-        grpc_port=_free_port(),
-        metrics_port=_free_port(),
+        http_port=free_port(),
+        grpc_port=free_port(),
+        metrics_port=free_port(),
         workdir=tmp_path / "triton",
     )
     srv.start()
@@ -267,9 +261,9 @@ def test_stop_leaves_no_process_and_no_shm(tmp_path: Path) -> None:
 def test_wait_ready_reports_log_tail_when_server_dies(tmp_path: Path) -> None:
     srv = TritonServer(
         tmp_path / "no-such-repo",
-        http_port=_free_port(),
-        grpc_port=_free_port(),
-        metrics_port=_free_port(),
+        http_port=free_port(),
+        grpc_port=free_port(),
+        metrics_port=free_port(),
         workdir=tmp_path / "triton",
     )
     srv.start()

@@ -32,8 +32,15 @@ Ctrl-C stops everything.
 
 def main() -> int:
     stop = threading.Event()
+    ready = threading.Event()
+
+    def on_signal(*_: object) -> None:
+        stop.set()
+        if not ready.is_set():  # still starting: abandon the start, then stop what is up
+            raise KeyboardInterrupt
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_signal)
     # Logs stay in .loom/run/logs after Ctrl-C; the JetStream store is fresh each run.
     workdir = ROOT / ".loom" / "run"
     shutil.rmtree(workdir, ignore_errors=True)
@@ -41,6 +48,7 @@ def main() -> int:
     try:
         print("starting Loom ...", flush=True)
         mesh.start()
+        ready.set()
         print(banner(mesh), flush=True)
         while not stop.is_set():
             for name, proc in mesh.services.items():
@@ -48,6 +56,9 @@ def main() -> int:
                     print(f"{name} exited; see {proc.log_path}", file=sys.stderr, flush=True)
                     stop.set()
             stop.wait(1.0)
+    except KeyboardInterrupt:
+        print("interrupted while starting", file=sys.stderr, flush=True)
+        return 130
     except Exception as exc:
         print(f"Loom failed to start: {exc}", file=sys.stderr, flush=True)
         return 1

@@ -18,7 +18,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.launch.nats_server import NatsServer
-from services.common.launch.procs import ManagedProcess, free_port, wait_until
+from services.common.launch.procs import ManagedProcess, ProcessExited, free_port, wait_until
 from services.common.triton_server import TritonServer
 
 log = logging.getLogger(__name__)
@@ -135,7 +135,7 @@ class Mesh:
 
         def ok() -> bool:
             if not proc.running():
-                raise RuntimeError(f"{replica} exited:\n{proc.log_tail()}")
+                raise ProcessExited(f"{replica} exited:\n{proc.log_tail()}")
             return grpc_serving(f"127.0.0.1:{grpc_port}")
 
         try:

@@ -8,7 +8,7 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
-from services.common.launch.procs import ManagedProcess, free_port, wait_until
+from services.common.launch.procs import ManagedProcess, ProcessExited, free_port, wait_until
 
 
 def nats_server_binary() -> str:
@@ -67,7 +67,7 @@ class NatsServer:
 
         def ready() -> bool:
             if not self.process.running():
-                raise RuntimeError(f"nats-server exited:\n{self.process.log_tail()}")
+                raise ProcessExited(f"nats-server exited:\n{self.process.log_tail()}")
             with urllib.request.urlopen(url, timeout=1) as resp:
                 return bool(resp.status == 200)
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -11,11 +13,30 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+# Below Linux's ephemeral range (32768-60999): a port picked there can be taken
+# by an outgoing connection's local end before our server binds it.
+_PORT_RANGE = (20000, 32700)
+_handed_out: set[int] = set()
+
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """A port nothing listens on now, never handed out before by this process."""
+    for _ in range(1000):
+        port = random.randrange(*_PORT_RANGE)
+        if port in _handed_out:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError("no free port found")
+
+
+class ProcessExited(RuntimeError):
+    """A process we wait for died: waiting longer is pointless."""
 
 
 def wait_until(check: Callable[[], bool], timeout: float, interval: float = 0.1, what: str = "condition") -> None:
@@ -24,10 +45,19 @@ def wait_until(check: Callable[[], bool], timeout: float, interval: float = 0.1,
         try:
             if check():
                 return
+        except ProcessExited:
+            raise
         except Exception:  # the thing we wait for may not answer yet
             pass
         time.sleep(interval)
     raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def _die_with_parent() -> None:
+    # Runs in the child before exec: if the process that started us dies
+    # (even by SIGKILL), the kernel sends us SIGTERM, so no orphan is left.
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
 
 
 class ManagedProcess:
@@ -51,6 +81,7 @@ class ManagedProcess:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
         finally:
             log.close()
