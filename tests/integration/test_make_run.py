@@ -40,26 +40,33 @@ def shm_regions() -> set[str]:
     return {p.name for p in Path("/dev/shm").glob("triton_python_backend_shm_region_*")}
 
 
-def test_launcher_serves_then_stops_everything(tmp_path: Path) -> None:
+def start_launcher(log: Path) -> tuple[subprocess.Popen[bytes], dict[str, int]]:
+    """``python -m services.common.launch`` on free ports; returns once it printed the banner."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOOM_")}
     ports = {name: free_port() for name in DEFAULT_PORTS}
     env.update({f"LOOM_{name.upper()}_PORT": str(port) for name, port in ports.items()})
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "services.common.launch"],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + 240
+    while "Loom is ready" not in log.read_text():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"launcher never became ready:\n{log.read_text()}")
+        time.sleep(0.5)
+    return proc, ports
+
+
+def test_launcher_serves_then_stops_everything(tmp_path: Path) -> None:
     shm_before = shm_regions()
-    out = open(tmp_path / "launcher.log", "w+")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "services.common.launch"],
-        cwd=ROOT,
-        env=env,
-        stdout=out,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    proc, ports = start_launcher(tmp_path / "launcher.log")
     try:
-        deadline = time.monotonic() + 240
-        while "Loom is ready" not in (tmp_path / "launcher.log").read_text():
-            assert proc.poll() is None, (tmp_path / "launcher.log").read_text()
-            assert time.monotonic() < deadline, "launcher never became ready"
-            time.sleep(0.5)
         banner = (tmp_path / "launcher.log").read_text()
         gateway = f"http://127.0.0.1:{ports['gateway_http']}"
         assert f"{gateway}/v1/pipelines/embed:predict" in banner and "curl" in banner
@@ -81,24 +88,8 @@ def test_launcher_serves_then_stops_everything(tmp_path: Path) -> None:
 
 
 def test_a_killed_launcher_leaves_no_orphans(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LOOM_")}
-    ports = {name: free_port() for name in DEFAULT_PORTS}
-    env.update({f"LOOM_{name.upper()}_PORT": str(port) for name, port in ports.items()})
-    log = tmp_path / "launcher.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "services.common.launch"],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    proc, ports = start_launcher(tmp_path / "launcher.log")
     try:
-        deadline = time.monotonic() + 240
-        while "Loom is ready" not in log.read_text():
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.5)
         assert len(mesh_pids(ports["nats"])) >= 9
         proc.kill()  # no chance to clean up: the children must notice on their own
         proc.wait()

@@ -11,21 +11,14 @@ import grpc
 import pytest
 
 from services.common.launch.mesh import Mesh
-from services.common.launch.procs import free_port
 from tests.support import eventually, metric, predict_grpc, predict_http
 
 pytestmark = pytest.mark.integration
 
 
 def test_two_preprocess_replicas_share_work_and_survive_sigkill(mesh: Mesh) -> None:
-    ports = {"grpc": free_port(), "http": free_port()}
-    extra = mesh.start_service(
-        "preprocess",
-        "preprocess-1",
-        {"LOOM_PREPROCESS_GRPC_PORT": str(ports["grpc"]), "LOOM_PREPROCESS_HTTP_PORT": str(ports["http"])},
-    )
+    extra, ports = mesh.start_replica("preprocess", "preprocess-1")
     try:
-        mesh.wait_serving("preprocess-1", ports["grpc"])
         urls = {"preprocess-0": mesh.http_url("preprocess"), "preprocess-1": f"http://127.0.0.1:{ports['http']}"}
 
         def handled(replica: str) -> float:
@@ -55,7 +48,11 @@ def test_two_preprocess_replicas_share_work_and_survive_sigkill(mesh: Mesh) -> N
         time.sleep(1.0)
         extra.kill()
         killed_at = time.monotonic()
-        time.sleep(2.0)
+        # A request the dead replica had taken is lost (the caller retries on the
+        # interactive lane); wait for enough requests sent after the kill.
+        deadline = killed_at + 20
+        while sum(1 for started, _ in outcomes if started > killed_at + 0.2) < 10 and time.monotonic() < deadline:
+            time.sleep(0.1)
         stop.set()
         sender.join(30)
         after = [status for started, status in outcomes if started > killed_at + 0.2]
@@ -97,14 +94,8 @@ def test_triton_outage_is_unavailable_within_the_deadline_then_heals(mesh: Mesh)
 
 
 def test_sigterm_drains_a_gateway_without_dropping_its_requests(mesh: Mesh) -> None:
-    ports = {"grpc": free_port(), "http": free_port()}
-    gw = mesh.start_service(
-        "gateway",
-        "gateway-1",
-        {"LOOM_GATEWAY_GRPC_PORT": str(ports["grpc"]), "LOOM_GATEWAY_HTTP_PORT": str(ports["http"])},
-    )
+    gw, ports = mesh.start_replica("gateway", "gateway-1")
     try:
-        mesh.wait_serving("gateway-1", ports["grpc"])
         url = f"http://127.0.0.1:{ports['http']}"
         results: list[int] = []
 

@@ -130,6 +130,16 @@ class Mesh:
         self.services[replica] = proc
         return proc
 
+    def start_replica(self, name: str, replica: str, timeout: float = 120.0) -> tuple[ManagedProcess, dict[str, int]]:
+        """One more replica of ``name`` on ports of its own; returns when it serves."""
+        ports = {"grpc": free_port(), "http": free_port()}
+        prefix = f"LOOM_{name.upper()}"
+        proc = self.start_service(
+            name, replica, {f"{prefix}_GRPC_PORT": str(ports["grpc"]), f"{prefix}_HTTP_PORT": str(ports["http"])}
+        )
+        self.wait_serving(replica, ports["grpc"], timeout)
+        return proc, ports
+
     def wait_serving(self, replica: str, grpc_port: int, timeout: float = 120.0) -> None:
         proc = self.services[replica]
 
