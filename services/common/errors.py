@@ -48,6 +48,8 @@ TABLE: dict[Code, Mapping] = {
     Code.INTERNAL: Mapping(grpc.StatusCode.INTERNAL, 500),
 }
 
+_CODE_BY_HTTP = {m.http: code for code, m in TABLE.items()}
+
 NATS_ERROR = "Nats-Service-Error"
 NATS_ERROR_CODE = "Nats-Service-Error-Code"
 GENERIC_INTERNAL = "internal error"
@@ -140,9 +142,8 @@ def nats_headers(err: LoomError) -> dict[str, str]:
 
 def error_from_nats_headers(headers: dict[str, str]) -> LoomError:
     """Rebuild an error from a NATS reply's service-error headers."""
-    by_http = {m.http: code for code, m in TABLE.items()}
     try:
-        code = by_http.get(int(headers.get(NATS_ERROR_CODE, "500")), Code.INTERNAL)
+        code = _CODE_BY_HTTP.get(int(headers.get(NATS_ERROR_CODE, "500")), Code.INTERNAL)
     except ValueError:
         code = Code.INTERNAL
     return from_code(code, headers.get(NATS_ERROR, "error"))

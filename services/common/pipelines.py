@@ -52,5 +52,9 @@ class PipelineRegistry:
         except KeyError:
             raise NotFound(f"unknown pipeline {name!r}; known: {', '.join(sorted(self._specs))}") from None
 
+    def metric_label(self, name: str) -> str:
+        """``name`` if it is a pipeline, else ``_unknown``: callers can't grow label sets."""
+        return name if name in self._specs else "_unknown"
+
     def names(self) -> list[str]:
         return sorted(self._specs)

@@ -44,6 +44,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
 
+from services.common.launch.procs import die_with_parent
+
 __all__ = ["TritonServer", "TritonServerError", "find_pytriton_site_packages", "main"]
 
 SHM_DIR = Path("/dev/shm")
@@ -229,7 +231,7 @@ class TritonServer:
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         backends = self.prepare_backends()
         cmd = self.command(backends)
-        self._shm_before = _shm_regions()
+        self._shm_before = shm_regions()
         log = open(self.log_file, "ab")  # noqa: SIM115 - closed in stop()
         self._log_handle = log
         self.started_at = time.monotonic()
@@ -242,7 +244,7 @@ class TritonServer:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
 
     def is_running(self) -> bool:
@@ -322,11 +324,11 @@ class TritonServer:
         return removed
 
     def owned_shm_regions(self) -> list[str]:
-        return sorted(name for name in _shm_regions() if name.startswith(self.shm_prefix))
+        return sorted(name for name in shm_regions() if name.startswith(self.shm_prefix))
 
     def new_shm_regions(self) -> set[str]:
         """Regions that appeared since start() (any owner; for diagnostics)."""
-        return _shm_regions() - self._shm_before
+        return shm_regions() - self._shm_before
 
     def log_tail(self, lines: int = 40) -> str:
         try:
@@ -369,15 +371,8 @@ class TritonServer:
         return f"TritonServer(repo={self.model_repository}, grpc={self.grpc_url}, pid={self.pid})"
 
 
-def _die_with_parent() -> None:
-    # In the child before exec: SIGTERM it if its starter dies, so a crashed
-    # launcher or test run leaves no tritonserver behind.
-    import ctypes
-
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
-
-
-def _shm_regions() -> set[str]:
+def shm_regions() -> set[str]:
+    """Python-backend shared-memory regions present now (any server's)."""
     if not SHM_DIR.is_dir():
         return set()
     return {entry.name for entry in SHM_DIR.iterdir() if entry.name.startswith(SHM_PREFIX)}

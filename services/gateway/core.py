@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
 
-from services.common import envelope, subjects
+from services.common import envelope, metrics, subjects
 from services.common.bus import Bus
 from services.common.errors import DeadlineExceeded, InvalidArgument, as_loom_error, from_proto
 from services.common.events import TelemetryPublisher
@@ -61,6 +61,12 @@ class GatewayCore:
             future.set_result(fusion_pb2.FusedResult.FromString(msg.data))
         except DecodeError:
             log.error("undecodable answer for %s", request_id)
+
+    def record(self, pipeline: str, code: str, protocol: str, seconds: float) -> None:
+        """Count one answered request (both adapters call this)."""
+        label = self.pipelines.metric_label(pipeline)
+        metrics.REQUESTS.labels(label, code, protocol).inc()
+        metrics.REQUEST_DURATION.labels(label, protocol).observe(seconds)
 
     def validate(self, call: PredictCall) -> tuple[PipelineSpec, int]:
         """Check the call against its pipeline; return the spec and the timeout in ms."""

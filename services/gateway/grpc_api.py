@@ -13,7 +13,6 @@ from google.protobuf.message import DecodeError
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
-from services.common import metrics
 from services.common.errors import InvalidArgument, LoomError, as_loom_error, grpc_status
 from services.common.pb.loom.v1 import gateway_pb2
 from services.common.telemetry import extract
@@ -55,10 +54,7 @@ class GatewayGrpc:
                 await context.abort(grpc_status(err), err.message)
                 raise  # abort raises; this keeps type checkers content
             finally:
-                known = pipeline in self.core.pipelines.names()
-                label = pipeline if known else "_unknown"
-                metrics.REQUESTS.labels(label, code, "grpc").inc()
-                metrics.REQUEST_DURATION.labels(label, "grpc").observe(time.perf_counter() - started)
+                self.core.record(pipeline, code, "grpc", time.perf_counter() - started)
 
     def handler(self) -> grpc.GenericRpcHandler:
         method = grpc.unary_unary_rpc_method_handler(self.predict, request_deserializer=None, response_serializer=None)

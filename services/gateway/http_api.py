@@ -10,7 +10,6 @@ from aiohttp import web
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
-from services.common import metrics
 from services.common.errors import InvalidArgument, LoomError, ResourceExhausted, as_loom_error, http_body, http_status
 from services.common.telemetry import extract
 from services.gateway import convert
@@ -64,9 +63,7 @@ class GatewayHttp:
                 span.set_attribute("http.response.status_code", http_status(err))
                 return web.json_response(http_body(err), status=http_status(err))
             finally:
-                label = pipeline if pipeline in self.core.pipelines.names() else "_unknown"
-                metrics.REQUESTS.labels(label, code, "http").inc()
-                metrics.REQUEST_DURATION.labels(label, "http").observe(time.perf_counter() - started)
+                self.core.record(pipeline, code, "http", time.perf_counter() - started)
 
     async def list_pipelines(self, _: web.Request) -> web.Response:
         return web.json_response({"pipelines": self.core.pipelines.names()})

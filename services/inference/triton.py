@@ -10,7 +10,7 @@ import numpy as np
 import tritonclient.grpc.aio as triton
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
-from tritonclient.utils import InferenceServerException
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from services.common.errors import (
     DeadlineExceeded,
@@ -58,8 +58,6 @@ def to_inputs(tensors: dict[str, np.ndarray]) -> list[triton.InferInput]:
 
 
 def _datatype(array: np.ndarray) -> str:
-    from tritonclient.utils import np_to_triton_dtype
-
     return str(np_to_triton_dtype(array.dtype))
 
 

@@ -13,6 +13,7 @@ import pytest
 
 from services.common.launch.mesh import DEFAULT_PORTS, ROOT
 from services.common.launch.procs import free_port
+from services.common.triton_server import shm_regions
 from tests.support import predict_http
 
 pytestmark = pytest.mark.integration
@@ -34,10 +35,6 @@ def mesh_pids(nats_port: int) -> set[int]:
             found.add(int(proc.name))
     found.discard(os.getpid())
     return found
-
-
-def shm_regions() -> set[str]:
-    return {p.name for p in Path("/dev/shm").glob("triton_python_backend_shm_region_*")}
 
 
 def start_launcher(log: Path) -> tuple[subprocess.Popen[bytes], dict[str, int]]:

@@ -9,7 +9,7 @@ import tritonclient.grpc as triton
 from services.common.launch.mesh import SERVICES, Mesh, grpc_serving
 from services.postprocess.labels import l2_normalise
 from services.preprocess.text import TextTokenizer
-from tests.support import eventually, metric, predict_grpc, predict_http, read_spans
+from tests.support import eventually, http_json, metric, predict_grpc, predict_http, read_spans
 
 pytestmark = pytest.mark.integration
 
@@ -144,14 +144,11 @@ def test_metrics_move_with_traffic(mesh: Mesh) -> None:
 
 
 def test_monitor_serves_per_stage_json(mesh: Mesh) -> None:
-    import json
-    import urllib.request
-
     assert predict_http(mesh.gateway_http, "monitor json")[0] == 200
 
     def has_stages() -> dict:
-        with urllib.request.urlopen(f"{mesh.monitor_http}/v1/stats", timeout=5) as resp:
-            stats = json.loads(resp.read())
+        status, stats = http_json(f"{mesh.monitor_http}/v1/stats")
+        assert status == 200
         stages = {(s["service"], s["stage"]): s for s in stats["stages"]}
         assert ("inference", "loom.infer.minilm") in stages
         assert ("gateway", "gateway") in stages

