@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help venv proto proto-check run test unit integration lint bench clean
+.PHONY: help venv debs proto proto-check run test unit integration lint bench clean
 
 help:
 	@echo "make run    start the whole mesh locally (NATS, Triton, six services)"
@@ -26,19 +26,23 @@ $(STAMP): requirements.lock requirements-nodeps.txt pyproject.toml
 
 venv: $(STAMP)
 
+# Debian packages the tests use (espeak-ng and sox make speech, DejaVu draws OCR text).
+debs:
+	@bash tools/debian_deps.sh
+
 proto: $(STAMP)
 	$(BIN)/python tools/gen_protos.py
 
 run: $(STAMP)
 	$(BIN)/python -m services.common.launch
 
-test: $(STAMP)
+test: $(STAMP) debs
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest -m unit $(PYTEST_ARGS)
 
-integration: $(STAMP)
+integration: $(STAMP) debs
 	$(BIN)/python -m pytest -m integration $(PYTEST_ARGS)
 
 lint: $(STAMP)
@@ -46,7 +50,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check services tests tools
 	$(BIN)/mypy services tools
 
-bench: $(STAMP)
+bench: $(STAMP) debs
 	$(BIN)/python -m tools.bench
 
 clean:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 import urllib.error
@@ -109,3 +110,14 @@ def eventually(check: Callable[[], Any], timeout: float = 10.0, interval: float 
     if last is not None:
         raise last
     raise AssertionError(f"condition not met within {timeout}s")
+
+
+def predict_inputs(
+    gateway_http: str, pipeline: str, inputs: dict[str, str | bytes], timeout: float = 60.0, **extra: Any
+) -> tuple[int, Any]:
+    """POST /v1 predict with text as strings and files base64-encoded."""
+    body = {
+        name: value if isinstance(value, str) else {"b64": base64.b64encode(value).decode()}
+        for name, value in inputs.items()
+    }
+    return http_json(f"{gateway_http}/v1/pipelines/{pipeline}:predict", {"inputs": body, **extra}, timeout=timeout)

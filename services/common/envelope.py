@@ -58,3 +58,7 @@ def next_subject(part: pb.Part) -> str | None:
 
 def add_timing(part: pb.Part, service: str, elapsed_ms: float) -> None:
     part.timings_ms[service] = part.timings_ms.get(service, 0.0) + elapsed_ms
+
+
+#: ``Part.context`` keys: the factors preprocess scaled an image by, so OCR boxes map back to the pixels sent.
+IMAGE_SCALE_X, IMAGE_SCALE_Y = "image.scale_x", "image.scale_y"

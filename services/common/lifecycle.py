@@ -1,7 +1,8 @@
 """One start/stop order for every service.
 
-Start: gRPC and HTTP servers up (health NOT_SERVING), connect to NATS, let the
-service load and subscribe, then mark ready. Stop on SIGTERM/SIGINT: mark not
+Start: gRPC and HTTP servers up (health NOT_SERVING), connect to NATS, open
+the claim-check object store and the pipeline specs (watched from KV), let
+the service load and subscribe, then mark ready. Stop on SIGTERM/SIGINT: mark not
 ready, stop taking calls (in-flight calls finish), drain NATS subscriptions
 and wait for in-flight messages up to the grace period, close clients, flush
 telemetry.
@@ -24,6 +25,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from services.common import metrics
 from services.common.bus import Bus
+from services.common.claims import ClaimCheck
+from services.common.pipeline_store import PipelineStore
+from services.common.pipelines import PipelineRegistry
 from services.common.settings import CommonSettings
 from services.common.telemetry import setup_logging, setup_tracing
 
@@ -38,6 +42,26 @@ class Runtime:
     settings: CommonSettings
     bus: Bus
     ready: asyncio.Event
+    #: The pipeline specs as they are now (kept current from KV by ``store``).
+    pipelines: PipelineRegistry
+    store: PipelineStore
+    claims: ClaimCheck
+
+    @classmethod
+    def create(cls, service: str, settings: CommonSettings) -> Runtime:
+        bus = Bus(service, max_inflight=settings.max_inflight)
+        pipelines = PipelineRegistry([])
+        return cls(
+            service,
+            settings,
+            bus,
+            asyncio.Event(),
+            pipelines,
+            PipelineStore(bus, service, settings.pipelines_bucket, pipelines),
+            ClaimCheck(
+                bus, service, settings.blob_bucket, ttl_s=settings.blob_ttl_s, threshold=settings.claim_check_bytes
+            ),
+        )
 
 
 class Service:
@@ -103,7 +127,7 @@ async def serve(service: Service) -> None:
     name = service.name
     setup_logging(name, settings.log_level, settings.replica_id)
     provider = setup_tracing(name, traces_file=settings.traces_file, replica_id=settings.replica_id)
-    rt = Runtime(name, settings, Bus(name, max_inflight=settings.max_inflight), asyncio.Event())
+    rt = Runtime.create(name, settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -125,6 +149,8 @@ async def serve(service: Service) -> None:
 
     async def start() -> None:
         await rt.bus.connect(settings.nats_url)
+        await rt.claims.start()
+        await rt.store.start()
         await service.start(rt)
 
     starting = asyncio.create_task(start())
@@ -151,6 +177,7 @@ async def serve(service: Service) -> None:
     await runner.cleanup()
     await rt.bus.drain(settings.drain_grace_s)
     await service.stop()
+    await rt.store.stop()
     await rt.bus.close()
     provider.shutdown()
     log.info("%s stopped", name)

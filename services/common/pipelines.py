@@ -1,56 +1,154 @@
-"""Pipeline specs: which inputs a pipeline takes and the stages each one visits.
+"""Pipeline specs: which inputs a pipeline takes, the stages each one visits, how parts fuse.
 
-The skeleton ships the ``embed`` pipeline built in; declarative YAML specs in
-JetStream KV replace this registry in the multimodal work.
+A spec is declarative YAML (``deploy/pipelines/*.yaml``), validated here by
+pydantic. Stages are short subject names (``pre.text``, ``infer.minilm``,
+``post.embed``); a part visits them in order, then fusion. A stage list may
+lead through several models (``infer.ocr`` -> ``post.ocr`` -> ``pre.text`` ->
+``infer.minilm``): that is an inference chain, declared rather than coded.
+
+The specs live in a JetStream KV bucket at run time (see
+:mod:`services.common.pipeline_store`); this module is pure.
 """
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from services.common import subjects
-from services.common.errors import NotFound
+from services.common.errors import InvalidArgument, NotFound
 
-Modality = Literal["text"]
+Modality = Literal["text", "image", "audio"]
+NAME = r"^[a-z][a-z0-9_-]{0,62}$"
+STAGE = r"^(pre|infer|post)\.[a-z0-9][a-z0-9_-]{0,62}$"
 
 
 class InputSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     modality: Modality
-    #: Subjects the part visits before fusion, in order.
-    stages: list[str]
+    #: Stages the part visits before fusion, in order, e.g. ``[pre.text, infer.minilm, post.embed]``.
+    stages: list[str] = Field(min_length=1)
+    #: A request must carry every required input.
     required: bool = True
+    #: This input's weight in weighted late fusion.
+    weight: float = Field(1.0, ge=0.0)
+
+    @field_validator("stages")
+    @classmethod
+    def _stage_names(cls, stages: list[str]) -> list[str]:
+        for stage in stages:
+            if not isinstance(stage, str) or not _matches(STAGE, stage):
+                raise ValueError(f"stage {stage!r} is not of the form pre.<name>, infer.<model> or post.<task>")
+        return stages
+
+    def subjects(self) -> list[str]:
+        """The stages as NATS subjects (``pre.text`` -> ``loom.pre.text``)."""
+        return [f"{subjects.PREFIX}.{stage}" for stage in self.stages]
+
+
+class FusionSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    #: ``attach``: each part's output as is. ``weighted``: also fuse the parts' label
+    #: scores into ``topics`` (a weighted mean, weights from the inputs).
+    strategy: Literal["attach", "weighted"] = "attach"
+    #: How many fused topics the answer lists.
+    top_k: int = Field(3, ge=1, le=100)
 
 
 class PipelineSpec(BaseModel):
-    name: str
-    inputs: dict[str, InputSpec]
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=NAME)
+    description: str = ""
+    inputs: dict[str, InputSpec] = Field(min_length=1)
     #: Default deadline of this pipeline; None means the gateway's default.
-    deadline_ms: int | None = Field(None, gt=0)
-    fusion: Literal["attach"] = "attach"
+    deadline_ms: int | None = Field(None, gt=0, le=600_000)
+    fusion: FusionSpec = FusionSpec()
+
+    @field_validator("inputs")
+    @classmethod
+    def _input_names(cls, inputs: dict[str, InputSpec]) -> dict[str, InputSpec]:
+        for name in inputs:
+            if not _matches(NAME, name):
+                raise ValueError(f"input name {name!r} must match {NAME}")
+        return inputs
+
+    @model_validator(mode="after")
+    def _weights(self) -> PipelineSpec:
+        if self.fusion.strategy == "weighted" and not any(i.weight > 0 for i in self.inputs.values()):
+            raise ValueError("weighted fusion needs at least one input with a weight above 0")
+        return self
 
 
-EMBED = PipelineSpec(
-    name="embed",
-    inputs={
-        "text": InputSpec(
-            modality="text",
-            stages=[subjects.pre("text"), subjects.infer("minilm"), subjects.post("embed")],
-        )
-    },
-)
+def _matches(pattern: str, value: str) -> bool:
+    return re.match(pattern, value) is not None
+
+
+def parse_spec(text: str | bytes, *, name: str | None = None) -> PipelineSpec:
+    """Parse and validate one YAML (or JSON) spec; raise InvalidArgument saying what is wrong."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise InvalidArgument(f"pipeline spec is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidArgument("pipeline spec must be a mapping with name, inputs, ...")
+    if name is not None:
+        data.setdefault("name", name)
+        if data["name"] != name:
+            raise InvalidArgument(f"pipeline spec names {data['name']!r} but is stored as {name!r}")
+    try:
+        return PipelineSpec.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'spec'}: {e['msg']}" for e in exc.errors())
+        raise InvalidArgument(f"invalid pipeline spec: {problems}") from None
+
+
+def to_yaml(spec: PipelineSpec) -> str:
+    return yaml.safe_dump(spec.model_dump(mode="json", exclude_defaults=False), sort_keys=False)
+
+
+def load_dir(directory: str | Path) -> list[PipelineSpec]:
+    """Every ``*.yaml`` spec in ``directory`` (the file name is the pipeline name)."""
+    specs = []
+    for path in sorted(Path(directory).glob("*.yaml")):
+        try:
+            specs.append(parse_spec(path.read_text(), name=path.stem))
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"{path}: {exc.message}") from None
+    return specs
+
+
+def default_dir() -> Path:
+    """``deploy/pipelines`` of this checkout."""
+    return Path(__file__).resolve().parents[2] / "deploy" / "pipelines"
 
 
 class PipelineRegistry:
+    """The specs a service knows now, by name (the store keeps it current)."""
+
     def __init__(self, specs: list[PipelineSpec] | None = None) -> None:
-        self._specs = {s.name: s for s in (specs if specs is not None else [EMBED])}
+        self._specs = {s.name: s for s in (specs if specs is not None else load_dir(default_dir()))}
 
     def get(self, name: str) -> PipelineSpec:
         try:
             return self._specs[name]
         except KeyError:
             raise NotFound(f"unknown pipeline {name!r}; known: {', '.join(sorted(self._specs))}") from None
+
+    def find(self, name: str) -> PipelineSpec | None:
+        return self._specs.get(name)
+
+    def set(self, spec: PipelineSpec) -> None:
+        self._specs[spec.name] = spec
+
+    def remove(self, name: str) -> None:
+        self._specs.pop(name, None)
 
     def metric_label(self, name: str) -> str:
         """``name`` if it is a pipeline, else ``_unknown``: callers can't grow label sets."""

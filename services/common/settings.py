@@ -39,6 +39,12 @@ class CommonSettings(BaseSettings):
         4, description="Number of fusion partitions (loom.fuse.<n>); the same value on every service."
     )
     replica_id: str = Field("", description="Distinguishes replicas of one service in logs and spans.")
+    pipelines_bucket: str = Field("loom_pipelines", description="JetStream KV bucket holding the pipeline specs.")
+    blob_bucket: str = Field("loom_blobs", description="JetStream object store for claim-checked inputs and tensors.")
+    blob_ttl_s: float = Field(600.0, description="Unfetched claim-checked blobs are removed after this long.")
+    claim_check_bytes: int = Field(
+        0, description="Messages above this size park their large fields in the object store; 0: max_payload - 64 KiB."
+    )
 
     # Each service overrides these two with LOOM_<SERVICE>_GRPC_PORT / _HTTP_PORT.
     grpc_port: int = Field(0, description="gRPC port (health and the service's API).")

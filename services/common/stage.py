@@ -19,6 +19,7 @@ from nats.aio.msg import Msg
 
 from services.common import envelope, metrics
 from services.common.bus import Bus
+from services.common.claims import ClaimCheck
 from services.common.errors import Code, DeadlineExceeded, as_loom_error, to_proto
 from services.common.events import TelemetryPublisher
 from services.common.pb.loom.v1 import envelope_pb2 as pb
@@ -32,8 +33,12 @@ Handler = Callable[[pb.Part], Awaitable[Stats | None]]
 class StageRunner:
     """Binds one subject to one handler for one service."""
 
-    def __init__(self, bus: Bus, service: str, subject: str, handler: Handler) -> None:
+    def __init__(
+        self, bus: Bus, service: str, subject: str, handler: Handler, *, claims: ClaimCheck | None = None
+    ) -> None:
         self.bus = bus
+        #: Fetches claim-checked bytes before the handler, parks large ones before publishing.
+        self.claims = claims
         self.service = service
         self.subject = subject
         self.handler = handler
@@ -66,14 +71,32 @@ class StageRunner:
         if target is None:
             log.error("part %s/%s has an empty routing slip", part.request_id, part.part_id)
         else:
-            await self.bus.publish(target, part.SerializeToString())
+            await self._publish(target, part)
         await self.telemetry.emit(self.subject, part=part, duration_ms=elapsed_ms, code=code, stats=stats)
+
+    async def _publish(self, target: str, part: pb.Part) -> None:
+        if part.HasField("error"):
+            # A failed part goes straight to fusion, which needs no inputs.
+            for name in ("data", "blob", "tensors"):
+                part.ClearField(name)
+        elif self.claims is not None:
+            try:
+                await self.claims.offload(part)
+            except Exception as exc:
+                part.error.CopyFrom(to_proto(as_loom_error(exc), self.service))
+                return await self._publish(envelope.next_subject(part) or target, part)
+        await self.bus.publish(target, part.SerializeToString())
+
+    async def _call(self, part: pb.Part) -> Stats | None:
+        if self.claims is not None:
+            await self.claims.restore(part)
+        return await self.handler(part)
 
     async def _run(self, part: pb.Part) -> tuple[Stats, str, float]:
         start = time.perf_counter()
         metrics.INFLIGHT.labels(self.service).inc()
         try:
-            stats = await asyncio.wait_for(self.handler(part), timeout=max(envelope.remaining_s(part), 0.001))
+            stats = await asyncio.wait_for(self._call(part), timeout=max(envelope.remaining_s(part), 0.001))
             code = Code.OK
         except Exception as exc:  # every failure is reported on the part
             if isinstance(exc, TimeoutError):

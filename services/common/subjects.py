@@ -44,3 +44,12 @@ def telemetry(service: str) -> str:
 def last_token(subject: str) -> str:
     """``loom.infer.minilm`` -> ``minilm``."""
     return subject.rsplit(".", 1)[-1]
+
+
+def model_query(op: str) -> str:
+    """Questions about a Triton model answered by the inference service, e.g. ``loom.models.metadata``.
+
+    Request/reply: the payload is the model name; the reply is Triton's own
+    protobuf answer (``inference.ModelMetadataResponse``, ...) or NATS error headers.
+    """
+    return f"{PREFIX}.models.{op}"

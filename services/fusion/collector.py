@@ -1,7 +1,10 @@
 """Pure fusion state: which parts of which request have arrived.
 
 No NATS and no clock of its own (callers pass ``now``), so it is unit-tested
-directly. The ``attach`` strategy puts each part's output under its name.
+directly. Every strategy attaches each part's output under its input name;
+``weighted`` also fuses the parts' label scores into the answer's ``topics``
+(late fusion: a weighted mean over the parts that produced scores, weights
+from the pipeline spec).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from dataclasses import dataclass, field
 
 from services.common.pb.loom.v1 import envelope_pb2 as pb
 from services.common.pb.loom.v1 import fusion_pb2
+from services.common.pipelines import FusionSpec, PipelineSpec
 
 
 @dataclass
@@ -66,8 +70,25 @@ class Collector:
             self._done.popitem(last=False)
 
 
-def fuse(state: Pending) -> fusion_pb2.FusedResult:
-    """Attach each part's output; name what is missing; fail if nothing came."""
+def weighted_topics(parts: list[pb.Part], weights: dict[str, float], top_k: int) -> list[tuple[str, float]]:
+    """Weighted mean of the parts' label scores; a label absent from a part counts 0 there."""
+    totals: dict[str, float] = {}
+    weight_sum = 0.0
+    for part in parts:
+        weight = weights.get(part.part_id, 1.0)
+        if weight <= 0 or not part.label_scores:
+            continue
+        weight_sum += weight
+        for label, score in part.label_scores.items():
+            totals[label] = totals.get(label, 0.0) + weight * score
+    if weight_sum == 0:
+        return []
+    fused = sorted(((label, total / weight_sum) for label, total in totals.items()), key=lambda x: (-x[1], x[0]))
+    return fused[:top_k]
+
+
+def fuse(state: Pending, spec: PipelineSpec | None = None) -> fusion_pb2.FusedResult:
+    """Attach each part's output; fuse topics if the spec says so; name what is missing; fail if nothing came."""
     result = fusion_pb2.FusedResult()
     resp = result.response
     resp.request_id, resp.pipeline = state.request_id, state.pipeline
@@ -78,11 +99,19 @@ def fuse(state: Pending) -> fusion_pb2.FusedResult:
             continue
         for stage, ms in part.timings_ms.items():
             resp.timings_ms[stage] = max(resp.timings_ms.get(stage, 0.0), ms)
+        for key, note in part.notes.items():
+            resp.notes[f"{part_id}/{key}"] = note
         if part.HasField("error"):
             resp.missing.append(part_id)
             resp.errors[part_id].CopyFrom(part.error)
         else:
             resp.outputs[part_id].CopyFrom(part.output)
+    fusion = spec.fusion if spec is not None else FusionSpec()
+    if fusion.strategy == "weighted" and spec is not None:
+        answered = [p for p in state.parts.values() if not p.HasField("error")]
+        weights = {name: i.weight for name, i in spec.inputs.items()}
+        for label, score in weighted_topics(answered, weights, fusion.top_k):
+            resp.topics.add(label=label, score=score)
     if not resp.outputs:
         errors = [state.parts[p].error for p in state.part_ids if p in state.parts and state.parts[p].HasField("error")]
         if errors:

@@ -15,6 +15,7 @@ from services.common.bus import Bus
 from services.common.events import TelemetryPublisher
 from services.common.lifecycle import Runtime, Service
 from services.common.pb.loom.v1 import envelope_pb2 as pb
+from services.common.pipelines import PipelineRegistry
 from services.fusion.collector import Collector, Pending, fuse
 from services.fusion.settings import FusionSettings
 
@@ -32,9 +33,11 @@ class Fusion(Service):
         self._background: set[asyncio.Future[None]] = set()
         self._bus: Bus | None = None
         self._telemetry: TelemetryPublisher | None = None
+        self._pipelines: PipelineRegistry | None = None
 
     async def start(self, rt: Runtime) -> None:
         self._bus = rt.bus
+        self._pipelines = rt.pipelines
         self._telemetry = TelemetryPublisher(rt.bus, self.name)
         for partition in self.fs.owned_partitions():
             # No queue group: a partition belongs to exactly one replica.
@@ -79,7 +82,9 @@ class Fusion(Service):
         state: Pending | None = self.collector.finish(request_id, envelope.now_ms())
         if state is None or not state.reply_to:
             return
-        result = fuse(state)
+        # The spec as it is now: a strategy changed in KV applies to the next answer.
+        spec = self._pipelines.find(state.pipeline) if self._pipelines is not None else None
+        result = fuse(state, spec)
         if result.response.degraded or result.HasField("error"):
             log.info("request %s answered without %s", request_id, list(result.response.missing))
         assert self._bus is not None

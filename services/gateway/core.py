@@ -1,7 +1,10 @@
 """The gateway's domain core: validate, split into parts, publish, await fusion.
 
-Transport-free: the gRPC and HTTP adapters turn their input into a
-:class:`PredictCall` and the :class:`PredictResponse` back into their output.
+Transport-free: the adapters (loom.v1 gRPC, /v1 HTTP, and the KServe v2
+front door on both) turn their input into a :class:`PredictCall` and the
+:class:`PredictResponse` back into their output. The KServe adapters also
+call a single Triton model through the mesh (:meth:`GatewayCore.infer_model`)
+and ask the inference service about models (:meth:`GatewayCore.model_query`).
 """
 
 from __future__ import annotations
@@ -13,10 +16,12 @@ from dataclasses import dataclass, field
 
 from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
+from opentelemetry import trace
 
-from services.common import envelope, metrics, subjects
+from services.common import envelope, media, metrics, subjects
 from services.common.bus import Bus
-from services.common.errors import DeadlineExceeded, InvalidArgument, as_loom_error, from_proto
+from services.common.claims import ClaimCheck
+from services.common.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, as_loom_error, from_proto
 from services.common.events import TelemetryPublisher
 from services.common.pb.loom.v1 import envelope_pb2 as pb
 from services.common.pb.loom.v1 import fusion_pb2, gateway_pb2
@@ -30,21 +35,27 @@ log = logging.getLogger(__name__)
 @dataclass
 class PredictCall:
     pipeline: str
-    inputs: dict[str, str]
+    #: Named inputs: text as ``str``, encoded files (image, audio) as ``bytes``.
+    inputs: dict[str, str | bytes]
     timeout_ms: int = 0
     request_id: str = ""
     #: The transport's own deadline (e.g. the gRPC deadline), seconds left.
     transport_remaining_s: float | None = None
-    extra: dict[str, str] = field(default_factory=dict)
+    #: Media types the caller declared, by input name.
+    content_types: dict[str, str] = field(default_factory=dict)
+    bypass_cache: bool = False
 
 
 class GatewayCore:
-    def __init__(self, bus: Bus, settings: GatewaySettings, pipelines: PipelineRegistry) -> None:
+    def __init__(
+        self, bus: Bus, settings: GatewaySettings, pipelines: PipelineRegistry, claims: ClaimCheck | None = None
+    ) -> None:
         self.bus = bus
         self.settings = settings
         self.pipelines = pipelines
+        self.claims = claims
         self._inbox = ""
-        self._waiting: dict[str, asyncio.Future[fusion_pb2.FusedResult]] = {}
+        self._waiting: dict[str, asyncio.Future[bytes]] = {}
         self.telemetry = TelemetryPublisher(bus, "gateway")
 
     async def start(self) -> None:
@@ -57,10 +68,7 @@ class GatewayCore:
         if future is None or future.done():
             log.info("late answer for %s ignored", request_id)
             return
-        try:
-            future.set_result(fusion_pb2.FusedResult.FromString(msg.data))
-        except DecodeError:
-            log.error("undecodable answer for %s", request_id)
+        future.set_result(msg.data)
 
     def record(self, pipeline: str, code: str, protocol: str, seconds: float) -> None:
         """Count one answered request (both adapters call this)."""
@@ -81,13 +89,8 @@ class GatewayCore:
         missing = sorted(n for n, s in spec.inputs.items() if s.required and n not in call.inputs)
         if missing:
             raise InvalidArgument(f"missing required input(s) {missing}")
-        for name, text in call.inputs.items():
-            if not isinstance(text, str):
-                raise InvalidArgument(f"input {name!r} must be a string")
-            if not text.strip():
-                raise InvalidArgument(f"input {name!r} is empty")
-            if len(text) > self.settings.max_text_chars:
-                raise InvalidArgument(f"input {name!r} exceeds {self.settings.max_text_chars} characters")
+        for name, value in call.inputs.items():
+            self._check_input(name, value, spec.inputs[name].modality)
         if call.timeout_ms < 0:
             raise InvalidArgument("timeout_ms must not be negative")
         if call.timeout_ms > self.settings.max_timeout_ms:
@@ -100,6 +103,23 @@ class GatewayCore:
         if call.request_id:
             envelope.check_request_id(call.request_id)
         return spec, timeout_ms
+
+    def _check_input(self, name: str, value: str | bytes, modality: str) -> None:
+        if modality == "text":
+            if not isinstance(value, str):
+                raise InvalidArgument(f"input {name!r} is text: send a string, not a file")
+            if not value.strip():
+                raise InvalidArgument(f"input {name!r} is empty")
+            if len(value) > self.settings.max_text_chars:
+                raise InvalidArgument(f"input {name!r} exceeds {self.settings.max_text_chars} characters")
+            return
+        if not isinstance(value, bytes):
+            raise InvalidArgument(f"input {name!r} is an {modality} file: send its bytes, not text")
+        if len(value) > self.settings.max_input_bytes:
+            raise ResourceExhausted(
+                f"input {name!r} is {len(value)} bytes; the limit is {self.settings.max_input_bytes} bytes"
+            )
+        media.check_media(name, value, modality)
 
     async def predict(self, call: PredictCall) -> gateway_pb2.PredictResponse:
         """Run ``call`` end to end; raises a LoomError on failure."""
@@ -120,40 +140,103 @@ class GatewayCore:
 
     async def _predict(self, call: PredictCall) -> gateway_pb2.PredictResponse:
         spec, timeout_ms = self.validate(call)
-        request_id = call.request_id or envelope.new_request_id()
-        if request_id in self._waiting:
-            raise InvalidArgument(f"request_id {request_id!r} is already in flight")
+        # The caller's id labels the answer; the mesh routes on an id of its own, because
+        # callers reuse ids (KServe clients often send "1") and fusion drops repeats.
+        route_id = envelope.new_request_id()
+        trace.get_current_span().set_attribute("loom.request_id", call.request_id or route_id)
         started = time.perf_counter()
         deadline_ms = envelope.now_ms() + timeout_ms
-        fused = subjects.fuse(subjects.fuse_partition(request_id, self.settings.fusion_partitions))
+        fused = subjects.fuse(subjects.fuse_partition(route_id, self.settings.fusion_partitions))
         names = sorted(call.inputs)
-        future: asyncio.Future[fusion_pb2.FusedResult] = asyncio.get_running_loop().create_future()
-        self._waiting[request_id] = future
+        parts = []
+        for name in names:
+            value = call.inputs[name]
+            part = pb.Part(
+                request_id=route_id,
+                part_id=name,
+                pipeline=spec.name,
+                modality=spec.inputs[name].modality,
+                slip=[*spec.inputs[name].subjects(), fused],
+                deadline_unix_ms=deadline_ms,
+                reply_to=f"{self._inbox}.{route_id}",
+                part_ids=names,
+                content_type=call.content_types.get(name, ""),
+                bypass_cache=call.bypass_cache,
+            )
+            if isinstance(value, str):
+                part.text = value
+            else:
+                part.data = value
+            parts.append(part)
+        raw = await self._publish_and_wait(route_id, parts, timeout_ms)
         try:
-            for name in names:
-                part = pb.Part(
-                    request_id=request_id,
-                    part_id=name,
-                    pipeline=spec.name,
-                    modality=spec.inputs[name].modality,
-                    slip=[*spec.inputs[name].stages, fused],
-                    deadline_unix_ms=deadline_ms,
-                    reply_to=f"{self._inbox}.{request_id}",
-                    part_ids=names,
-                    text=call.inputs[name],
-                )
-                await self.bus.publish(part.slip[0], part.SerializeToString())
-            try:
-                result = await asyncio.wait_for(future, timeout=timeout_ms / 1000.0)
-            except TimeoutError:
-                raise DeadlineExceeded(f"no answer within the {timeout_ms} ms deadline") from None
-        finally:
-            self._waiting.pop(request_id, None)
+            result = fusion_pb2.FusedResult.FromString(raw)
+        except DecodeError:
+            raise InvalidArgument("fusion sent an undecodable answer") from None
         if result.HasField("error"):
             raise from_proto(result.error)
         response = result.response
-        response.request_id = request_id
+        response.request_id = call.request_id or route_id
         response.pipeline = spec.name
         response.trace_id = current_trace_id()
         response.timings_ms["gateway_total"] = (time.perf_counter() - started) * 1000.0
         return response
+
+    async def _publish_and_wait(self, request_id: str, parts: list[pb.Part], timeout_ms: int) -> bytes:
+        """Send the parts on their way and wait for the one answer on our inbox."""
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._waiting[request_id] = future
+        try:
+            for part in parts:
+                if self.claims is not None:
+                    await self.claims.offload(part)
+                await self.bus.publish(part.slip[0], part.SerializeToString())
+            try:
+                return await asyncio.wait_for(future, timeout=timeout_ms / 1000.0)
+            except TimeoutError:
+                raise DeadlineExceeded(f"no answer within the {timeout_ms} ms deadline") from None
+        finally:
+            self._waiting.pop(request_id, None)
+
+    async def infer_model(
+        self,
+        model: str,
+        tensors: dict[str, pb.Tensor],
+        *,
+        timeout_ms: int,
+        request_id: str = "",
+        bypass_cache: bool = False,
+    ) -> pb.Part:
+        """Run one Triton model through the mesh (``loom.infer.<model>``); returns the answered part.
+
+        The answer's ``request_id`` is ``request_id`` (or a new one); routing uses an id of its own.
+        """
+        if request_id:
+            envelope.check_request_id(request_id)
+        route_id = envelope.new_request_id()
+        part = pb.Part(
+            request_id=route_id,
+            part_id=model,
+            pipeline=f"model:{model}",
+            slip=[subjects.infer(model), f"{self._inbox}.{route_id}"],
+            deadline_unix_ms=envelope.now_ms() + timeout_ms,
+            bypass_cache=bypass_cache,
+        )
+        for name, tensor in tensors.items():
+            part.tensors[name].CopyFrom(tensor)
+        raw = await self._publish_and_wait(route_id, [part], timeout_ms)
+        try:
+            answer = pb.Part.FromString(raw)
+        except DecodeError:
+            raise InvalidArgument("inference sent an undecodable answer") from None
+        if answer.HasField("error"):
+            raise from_proto(answer.error)
+        if self.claims is not None:
+            await self.claims.restore(answer)
+        answer.request_id = request_id or route_id
+        return answer
+
+    async def model_query(self, op: str, model: str, *, timeout_s: float = 5.0) -> bytes:
+        """Ask the inference service about a model (``metadata``, ``ready``, ``list``); raw reply bytes."""
+        reply = await self.bus.request(subjects.model_query(op), model.encode(), timeout=timeout_s)
+        return bytes(reply.data)

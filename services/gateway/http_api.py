@@ -1,4 +1,8 @@
-"""HTTP adapter: ``POST /v1/pipelines/{pipeline}:predict`` and the OpenAPI document."""
+"""HTTP adapter: the ``/v1`` JSON API (predict, pipeline specs) and the OpenAPI document.
+
+``POST /v1/pipelines/{pipeline}:predict`` takes JSON (files base64-encoded)
+or ``multipart/form-data`` (files as file parts: ``curl -F image=@photo.png``).
+"""
 
 from __future__ import annotations
 
@@ -6,40 +10,84 @@ import json
 import time
 from pathlib import Path
 
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
 from services.common.errors import InvalidArgument, LoomError, ResourceExhausted, as_loom_error, http_body, http_status
+from services.common.pipeline_store import PipelineStore
+from services.common.pipelines import to_yaml
 from services.common.telemetry import extract
 from services.gateway import convert
-from services.gateway.core import GatewayCore
+from services.gateway.core import GatewayCore, PredictCall
+from services.gateway.settings import GatewaySettings
 
 OPENAPI = Path(__file__).with_name("openapi.yaml")
 _tracer = trace.get_tracer("loom.gateway")
 
 
+def error_response(exc: Exception) -> web.Response:
+    err = as_loom_error(exc)
+    return web.json_response(http_body(err), status=http_status(err))
+
+
 class GatewayHttp:
-    def __init__(self, core: GatewayCore, max_body_bytes: int) -> None:
+    def __init__(self, core: GatewayCore, store: PipelineStore, settings: GatewaySettings) -> None:
         self.core = core
-        self.max_body_bytes = max_body_bytes
+        self.store = store
+        self.max_body_bytes = settings.max_body_bytes
+        self.max_input_bytes = settings.max_input_bytes
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_post("/v1/pipelines/{pipeline}:predict", self.predict)
         app.router.add_get("/v1/pipelines", self.list_pipelines)
+        app.router.add_get("/v1/pipelines/{pipeline}", self.get_pipeline)
+        app.router.add_put("/v1/pipelines/{pipeline}", self.put_pipeline)
         app.router.add_get("/openapi.yaml", self.openapi)
 
-    async def _read_json(self, request: web.Request) -> object:
+    def _too_large(self, size: int | None = None) -> ResourceExhausted:
+        got = f" of {size} bytes" if size is not None else ""
+        return ResourceExhausted(
+            f"request body{got} exceeds the limit of {self.max_body_bytes} bytes "
+            f"(each file input may be at most {self.max_input_bytes} bytes)"
+        )
+
+    async def _read(self, request: web.Request) -> bytes:
+        # Refuse at once on the declared length: never read (or wait for) a body we will not take.
         if request.content_length is not None and request.content_length > self.max_body_bytes:
-            raise ResourceExhausted(f"request body exceeds the limit of {self.max_body_bytes} bytes")
+            raise self._too_large(request.content_length)
         try:
-            raw = await request.read()
+            return await request.read()
         except web.HTTPRequestEntityTooLarge:
-            raise ResourceExhausted(f"request body exceeds the limit of {self.max_body_bytes} bytes") from None
+            raise self._too_large() from None
+
+    async def _read_call(self, request: web.Request, pipeline: str) -> PredictCall:
+        if request.content_type == "multipart/form-data":
+            return convert.call_from_form(pipeline, await self._read_form(request))
+        raw = await self._read(request)
         try:
-            return json.loads(raw)
+            body = json.loads(raw)
         except (ValueError, UnicodeDecodeError):
             raise InvalidArgument("the body is not valid JSON") from None
+        return convert.call_from_json(pipeline, body)
+
+    async def _read_form(self, request: web.Request) -> dict[str, tuple[bytes, str, bool]]:
+        if request.content_length is not None and request.content_length > self.max_body_bytes:
+            raise self._too_large(request.content_length)
+        fields: dict[str, tuple[bytes, str, bool]] = {}
+        total = 0
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            if not isinstance(part, BodyPartReader) or not part.name:
+                raise InvalidArgument("every form part needs a name (the input it carries)")
+            chunks = []
+            while chunk := await part.read_chunk(256 * 1024):
+                total += len(chunk)
+                if total > self.max_body_bytes:
+                    raise self._too_large()
+                chunks.append(chunk)
+            fields[part.name] = (b"".join(chunks), part.headers.get("Content-Type", ""), part.filename is not None)
+        return fields
 
     async def predict(self, request: web.Request) -> web.Response:
         pipeline = request.match_info["pipeline"]
@@ -52,7 +100,7 @@ class GatewayHttp:
             attributes={"http.request.method": "POST", "url.path": request.path},
         ) as span:
             try:
-                call = convert.call_from_json(pipeline, await self._read_json(request))
+                call = await self._read_call(request, pipeline)
                 resp = await self.core.predict(call)
                 return web.json_response(convert.response_to_json(resp))
             except Exception as exc:
@@ -66,7 +114,31 @@ class GatewayHttp:
                 self.core.record(pipeline, code, "http", time.perf_counter() - started)
 
     async def list_pipelines(self, _: web.Request) -> web.Response:
-        return web.json_response({"pipelines": self.core.pipelines.names()})
+        specs = [self.core.pipelines.get(n) for n in self.core.pipelines.names()]
+        return web.json_response(
+            {
+                "pipelines": [s.name for s in specs],
+                "specs": {s.name: s.model_dump(mode="json") for s in specs},
+            }
+        )
+
+    async def get_pipeline(self, request: web.Request) -> web.Response:
+        try:
+            spec = self.core.pipelines.get(request.match_info["pipeline"])
+        except LoomError as exc:
+            return error_response(exc)
+        if "yaml" in request.headers.get("Accept", ""):
+            return web.Response(text=to_yaml(spec), content_type="application/yaml")
+        return web.json_response(spec.model_dump(mode="json"))
+
+    async def put_pipeline(self, request: web.Request) -> web.Response:
+        """Validate a spec (YAML or JSON) and store it in KV; every service picks it up from there."""
+        name = request.match_info["pipeline"]
+        try:
+            spec, revision = await self.store.apply(await self._read(request), name=name)
+        except Exception as exc:
+            return error_response(exc)
+        return web.json_response({"pipeline": spec.name, "revision": revision, "spec": spec.model_dump(mode="json")})
 
     async def openapi(self, _: web.Request) -> web.Response:
         return web.Response(text=OPENAPI.read_text(), content_type="application/yaml")

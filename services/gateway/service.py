@@ -2,28 +2,37 @@
 
 from __future__ import annotations
 
+import logging
 from typing import ClassVar
 
 import grpc
 from aiohttp import web
 
 from services.common.lifecycle import Runtime, Service
-from services.common.pipelines import PipelineRegistry
+from services.common.pipeline_store import PipelineStore
+from services.common.pipelines import default_dir, load_dir
 from services.gateway.core import GatewayCore
 from services.gateway.grpc_api import SERVICE, GatewayGrpc
 from services.gateway.http_api import GatewayHttp
+from services.gateway.kserve_dataplane import KServeDataPlane
+from services.gateway.kserve_grpc import SERVICE as KSERVE_SERVICE
+from services.gateway.kserve_grpc import KServeGrpc
+from services.gateway.kserve_http import KServeHttp
 from services.gateway.settings import GatewaySettings
+
+log = logging.getLogger(__name__)
 
 
 class Gateway(Service):
     name: ClassVar[str] = "gateway"
-    grpc_service_names: ClassVar[tuple[str, ...]] = (SERVICE,)
+    grpc_service_names: ClassVar[tuple[str, ...]] = (SERVICE, KSERVE_SERVICE)
 
     def __init__(self, settings: GatewaySettings) -> None:
         super().__init__(settings)
         self.gw = settings
-        self.pipelines = PipelineRegistry()
         self._core: GatewayCore | None = None
+        self._store: PipelineStore | None = None
+        self._kserve: KServeDataPlane | None = None
 
     @property
     def core(self) -> GatewayCore:
@@ -31,16 +40,28 @@ class Gateway(Service):
         return self._core
 
     def bind(self, rt: Runtime) -> None:
-        self._core = GatewayCore(rt.bus, self.gw, self.pipelines)
+        self._core = GatewayCore(rt.bus, self.gw, rt.pipelines, rt.claims)
+        self._store = rt.store
+        # KServe's ServerReady is the gateway's own readiness, as /readyz reports it.
+        self._kserve = KServeDataPlane(self._core, lambda: rt.ready.is_set() and rt.bus.connected)
 
     async def start(self, rt: Runtime) -> None:
+        directory = self.gw.pipelines_dir or default_dir()
+        added = await rt.store.seed(directory)
+        if added:
+            log.info("stored pipeline specs %s from %s", added, directory)
+        await rt.store.wait_for([spec.name for spec in load_dir(directory)])
         await self.core.start()
 
     def add_grpc(self, server: grpc.aio.Server) -> None:
-        server.add_generic_rpc_handlers((GatewayGrpc(self.core).handler(),))
+        assert self._kserve is not None, "bind() first"
+        server.add_generic_rpc_handlers((GatewayGrpc(self.core).handler(), KServeGrpc(self._kserve).handler()))
 
     def add_http(self, app: web.Application) -> None:
-        GatewayHttp(self.core, self.gw.max_body_bytes).add_routes(app)
+        assert self._store is not None, "bind() first"
+        assert self._kserve is not None, "bind() first"
+        GatewayHttp(self.core, self._store, self.gw).add_routes(app)
+        KServeHttp(self._kserve, self.gw.max_body_bytes).add_routes(app)
 
     def grpc_options(self) -> list[tuple[str, int]]:
         return [("grpc.max_receive_message_length", self.gw.max_body_bytes)]

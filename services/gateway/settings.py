@@ -12,7 +12,25 @@ class GatewaySettings(CommonSettings):
         "gateway", "default_timeout_ms", 5000, "Deadline when neither the request nor the pipeline sets one."
     )
     max_timeout_ms: int = service_field("gateway", "max_timeout_ms", 60000, "Largest deadline a caller may ask for.")
+    max_input_bytes: int = service_field(
+        "gateway", "max_input_bytes", 20 * 1024 * 1024, "Largest file input (image, audio) accepted, in bytes."
+    )
     max_body_bytes: int = service_field(
-        "gateway", "max_body_bytes", 1024 * 1024, "Largest request body (HTTP) or message (gRPC) accepted."
+        "gateway",
+        "max_body_bytes",
+        28 * 1024 * 1024,
+        "Largest request body (HTTP) or message (gRPC) accepted; leaves room for base64 of max_input_bytes.",
+    )
+    pipelines_dir: str = service_field(
+        "gateway",
+        "pipelines_dir",
+        "",
+        "Pipeline specs (*.yaml) stored in KV at start when KV lacks them; default: deploy/pipelines.",
     )
     max_text_chars: int = service_field("gateway", "max_text_chars", 20000, "Longest text input accepted.")
+    kserve_models_ttl_s: float = service_field(
+        "gateway",
+        "kserve_models_ttl_s",
+        5.0,
+        "KServe v2: how long the inference service's list of served models is reused before it is asked again.",
+    )

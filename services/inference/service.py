@@ -1,16 +1,59 @@
-"""The inference service: ``loom.infer.<model>`` -> Triton -> output tensors."""
+"""The inference service: ``loom.infer.<model>`` -> result cache or Triton -> output tensors.
+
+Per model: a part's inputs are looked up in the result cache; on a miss the
+part joins a micro-batch (:mod:`services.inference.batcher`) that goes to
+Triton as one request. What each model allows — Triton's max_batch_size and
+the version it serves (part of the cache key) — is read from Triton at start
+and refreshed in the background, so the service may start before Triton.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
+from opentelemetry import trace
+from opentelemetry.trace import Link, SpanContext
+
 from services.common import envelope, subjects
+from services.common.errors import InvalidArgument, LoomError
 from services.common.lifecycle import Runtime, Service
 from services.common.pb.loom.v1 import envelope_pb2 as pb
 from services.common.stage import Handler, StageRunner, Stats
-from services.common.tensors import from_numpy, to_numpy
+from services.inference.batcher import MicroBatcher, compat_key, stack
+from services.inference.cache import NOTE, ResultCache
+from services.inference.models_api import ModelsApi
 from services.inference.settings import InferenceSettings
-from services.inference.triton import TritonModels
+from services.inference.triton import Outputs, TritonModels, from_tensor, to_tensor
+
+log = logging.getLogger(__name__)
+
+Result = tuple[Outputs, str]  # one part's outputs and the model version that made them
+
+
+@dataclass
+class _Row:
+    """One part waiting for its batch."""
+
+    tensors: dict[str, np.ndarray]
+    deadline: float  # time.monotonic()
+    span: SpanContext
+
+
+@dataclass
+class _Model:
+    """What the service knows about one model, and its batcher."""
+
+    name: str
+    batcher: MicroBatcher[_Row, Result]
+    batched: bool = True  # Triton takes a batch dimension (its max_batch_size > 0)
+    version: str = ""  # the version Triton serves; "" = unknown: no cache
+    known: bool = False  # max_batch_size read from Triton
 
 
 class Inference(Service):
@@ -20,25 +63,119 @@ class Inference(Service):
         super().__init__(settings)
         self.inf = settings
         self.triton: TritonModels | None = None
+        self.cache = ResultCache(
+            enabled=settings.cache_enabled,
+            bucket=settings.cache_bucket,
+            ttl_s=settings.cache_ttl_s,
+            max_value_bytes=settings.cache_max_value_bytes,
+            timeout_s=settings.cache_timeout_ms / 1000.0,
+        )
+        self.models: dict[str, _Model] = {}
+        self._refresher: asyncio.Task[None] | None = None
 
     async def start(self, rt: Runtime) -> None:
         self.triton = TritonModels(self.inf.triton_url, reconnect_backoff_ms=self.inf.reconnect_backoff_ms)
+        await self.cache.start(rt.bus.nc)
         for model in self.inf.models:
-            await StageRunner(rt.bus, self.name, subjects.infer(model), self._handler(model)).start()
+            self.models[model] = self._new_model(model)
+        # Learn what Triton allows now if it is up; otherwise batch nothing until the refresher learns it.
+        await asyncio.gather(*(self._refresh(m) for m in self.models.values()))
+        self._refresher = asyncio.create_task(self._keep_refreshing())
+        for model in self.inf.models:
+            await StageRunner(rt.bus, self.name, subjects.infer(model), self._handler(model), claims=rt.claims).start()
+        await ModelsApi(rt.bus, self.triton, self.inf.models, queue=self.name).start()
+
+    def _new_model(self, model: str) -> _Model:
+        pad = model in self.inf.pad_models
+
+        async def run(rows: list[_Row]) -> list[Result | BaseException]:
+            return await self._run_batch(self.models[model], rows)
+
+        batcher: MicroBatcher[_Row, Result] = MicroBatcher(
+            run,
+            max_batch_size=1,  # until Triton's config says more
+            max_delay_s=self.inf.max_batch_delay_ms / 1000.0,
+            key=lambda row: compat_key(row.tensors, pad=pad),
+            name=model,
+        )
+        return _Model(model, batcher)
 
     def _handler(self, model: str) -> Handler:
         async def handle(part: pb.Part) -> Stats:
-            assert self.triton is not None
-            inputs = {name: to_numpy(t) for name, t in part.tensors.items()}
-            outputs, version = await self.triton.infer(model, inputs, timeout_s=envelope.remaining_s(part))
+            state = self.models[model]
+            inputs = {name: from_tensor(t) for name, t in part.tensors.items()}  # bad input fails before the cache
+            lookup = await self.cache.lookup(model, state.version, part)
+            if lookup.note:
+                part.notes[NOTE] = lookup.note
+            if lookup.value is None:
+                remaining = envelope.remaining_s(part)
+                row = _Row(inputs, time.monotonic() + remaining, trace.get_current_span().get_span_context())
+                outputs, version = await state.batcher.submit(row, timeout_s=remaining)
+                if version:
+                    state.version = version
+                lookup.value = pb.CachedOutputs(
+                    model_version=version, tensors={name: to_tensor(a) for name, a in outputs.items()}
+                )
+                self.cache.store(lookup, lookup.value)
             part.ClearField("tensors")  # pass only the small result downstream
-            for name, array in outputs.items():
-                part.tensors[name].CopyFrom(from_numpy(array))
-            part.model, part.model_version = model, version
+            for name, tensor in lookup.value.tensors.items():
+                part.tensors[name].CopyFrom(tensor)
+            part.model, part.model_version = model, lookup.value.model_version
             return {}
 
         return handle
 
+    async def _run_batch(self, state: _Model, rows: list[_Row]) -> list[Result | BaseException]:
+        assert self.triton is not None
+        timeout = max(row.deadline for row in rows) - time.monotonic()  # the longest-waiting caller's
+        links = [Link(row.span) for row in rows if row.span.is_valid]
+        inputs = stack([row.tensors for row in rows]) if state.batched else rows[0].tensors
+        try:
+            outputs, version = await self.triton.infer(
+                state.name, inputs, batched=state.batched, timeout_s=timeout, links=links
+            )
+        except InvalidArgument:
+            if len(rows) == 1:
+                raise
+            # The model rejected the request for one part's data (e.g. too many tokens):
+            # that part must not fail its neighbours, so ask again one by one. Other
+            # errors are not retried: they are outages or model failures, not one part's.
+            singles = await asyncio.gather(*(self._run_batch(state, [row]) for row in rows), return_exceptions=True)
+            return [s if isinstance(s, BaseException) else s[0] for s in singles]
+        return [(out, version) for out in outputs]
+
+    async def _refresh(self, state: _Model) -> None:
+        assert self.triton is not None
+        try:
+            info = await self.triton.model_info(state.name, timeout_s=1.0)
+        except LoomError as exc:
+            # Debug only: during a Triton outage this repeats every refresh, and parts report it anyway.
+            log.debug("model %s: Triton did not say what it allows: %s", state.name, exc.message)
+            return
+        state.batched = info.max_batch_size > 0
+        largest = 1 if state.name in self.inf.unbatched_models else self.inf.max_batch_size
+        state.batcher.max_batch_size = max(1, min(largest, info.max_batch_size))
+        if info.version:
+            state.version = info.version
+        if not state.known:
+            log.info(
+                "model %s: batches of up to %d, version %r", state.name, state.batcher.max_batch_size, state.version
+            )
+        state.known = True
+
+    async def _keep_refreshing(self) -> None:
+        while True:
+            unknown = any(not m.known or not m.version for m in self.models.values())
+            await asyncio.sleep(1.0 if unknown else self.inf.model_refresh_s)
+            await asyncio.gather(*(self._refresh(m) for m in self.models.values()))
+
     async def stop(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresher
+        for state in self.models.values():
+            await state.batcher.close()
+        await self.cache.close()
         if self.triton is not None:
             await self.triton.close()

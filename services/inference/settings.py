@@ -1,3 +1,5 @@
+"""Inference settings (``LOOM_INFERENCE_*``): Triton, micro-batching and the result cache."""
+
 from __future__ import annotations
 
 from services.common.settings import CommonSettings, service_field
@@ -10,8 +12,65 @@ class InferenceSettings(CommonSettings):
     http_port: int = service_field("inference", "http_port", 9103, "HTTP port (/metrics, /healthz, /readyz).")
     triton_url: str = service_field("inference", "triton_url", "127.0.0.1:8001", "Triton gRPC address host:port.")
     models: list[str] = service_field(
-        "inference", "models", ["minilm"], "Models served, as a JSON list; each gets loom.infer.<model>."
+        "inference",
+        "models",
+        ["minilm", "ocr", "vad"],
+        "Models served, as a JSON list; each gets loom.infer.<model> and answers on loom.models.*.",
     )
     reconnect_backoff_ms: int = service_field(
         "inference", "reconnect_backoff_ms", 1000, "Longest wait between reconnects to Triton after it went away."
+    )
+    model_refresh_s: float = service_field(
+        "inference",
+        "model_refresh_s",
+        30.0,
+        "How often Triton's max_batch_size and ready version are re-read per model (every second while unknown).",
+    )
+
+    # Micro-batching.
+    max_batch_size: int = service_field(
+        "inference",
+        "max_batch_size",
+        16,
+        "Most parts sent to Triton in one request; a model's own smaller max_batch_size caps it. 1 = no batching.",
+    )
+    max_batch_delay_ms: float = service_field(
+        "inference",
+        "max_batch_delay_ms",
+        2.0,
+        "Longest wait, from a batch's first part, for more parts before the batch goes to Triton.",
+    )
+    pad_models: list[str] = service_field(
+        "inference",
+        "pad_models",
+        ["minilm"],
+        "Models whose 1-D inputs of different lengths may share a batch, right-padded with zeros "
+        "(harmless where an attention mask marks the padding).",
+    )
+    unbatched_models: list[str] = service_field(
+        "inference",
+        "unbatched_models",
+        ["ocr"],
+        "Models that take one item per request because each item's outputs have their own length "
+        "(ocr: one row per line found); never micro-batched here, Triton's dynamic batcher still groups them.",
+    )
+
+    # Result cache (a JetStream KV bucket).
+    cache_enabled: bool = service_field(
+        "inference", "cache_enabled", True, "Answer repeated inputs from the result cache."
+    )
+    cache_bucket: str = service_field(
+        "inference", "cache_bucket", "loom_cache", "JetStream KV bucket of the result cache (created if missing)."
+    )
+    cache_ttl_s: float = service_field(
+        "inference", "cache_ttl_s", 600.0, "How long a cached result lives (the bucket's max age; set at creation)."
+    )
+    cache_max_value_bytes: int = service_field(
+        "inference", "cache_max_value_bytes", 512 * 1024, "Results larger than this are not cached."
+    )
+    cache_timeout_ms: float = service_field(
+        "inference",
+        "cache_timeout_ms",
+        100.0,
+        "Longest wait for a cache lookup; a slower KV counts as an error and the part goes to Triton.",
     )

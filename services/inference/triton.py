@@ -1,15 +1,22 @@
 """Triton edge: one long-lived ``tritonclient.grpc.aio`` client and conversions.
 
 Triton's errors are mapped to Loom's here, so nothing else sees a transport
-exception.
+exception. BYTES tensors travel in a Part in the KServe v2 raw form
+(:func:`services.common.tensors.strings_to_tensor`).
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
 import numpy as np
 import tritonclient.grpc.aio as triton
 from opentelemetry import trace
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import Link, SpanKind
+from tritonclient.grpc import service_pb2
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from services.common.errors import (
@@ -21,9 +28,14 @@ from services.common.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from services.common.pb.loom.v1 import envelope_pb2 as pb
 from services.common.telemetry import inject
+from services.common.tensors import BYTES, from_numpy, strings_to_tensor, to_numpy, unpack_bytes
 
 _tracer = trace.get_tracer("loom.inference")
+
+#: One item's outputs by name; BYTES outputs are object arrays of ``str``.
+Outputs = dict[str, np.ndarray]
 
 _BY_STATUS: dict[str, type[LoomError]] = {
     "StatusCode.UNAVAILABLE": Unavailable,
@@ -47,18 +59,43 @@ def to_loom_error(exc: InferenceServerException, model: str) -> LoomError:
     return cls(f"Triton: {message}")
 
 
-def to_inputs(tensors: dict[str, np.ndarray]) -> list[triton.InferInput]:
+def from_tensor(tensor: pb.Tensor) -> np.ndarray:
+    """A Part tensor as an input array; BYTES become an object array of ``bytes``."""
+    if tensor.datatype == BYTES:
+        return np.array(unpack_bytes(tensor), dtype=object).reshape(tuple(tensor.shape))
+    return to_numpy(tensor)
+
+
+def to_tensor(array: np.ndarray) -> pb.Tensor:
+    """An output array as a Part tensor; object arrays (BYTES) keep their shape."""
+    if array.dtype == np.object_:
+        return strings_to_tensor(array, array.shape)
+    return from_numpy(array)
+
+
+def to_inputs(tensors: dict[str, np.ndarray], *, add_batch_dim: bool = True) -> list[triton.InferInput]:
+    """Triton inputs; by default one part = a batch of one (Triton batches across requests)."""
     inputs = []
     for name, array in tensors.items():
-        batch = array[np.newaxis, ...]  # one part = a batch of one; Triton batches across parts
-        inp = triton.InferInput(name, list(batch.shape), _datatype(batch))
-        inp.set_data_from_numpy(batch)
+        data = array[np.newaxis, ...] if add_batch_dim else array
+        inp = triton.InferInput(name, list(data.shape), str(np_to_triton_dtype(data.dtype)))
+        inp.set_data_from_numpy(data)
         inputs.append(inp)
     return inputs
 
 
-def _datatype(array: np.ndarray) -> str:
-    return str(np_to_triton_dtype(array.dtype))
+def _decoded(array: np.ndarray) -> np.ndarray:
+    # surrogateescape: bytes that are not UTF-8 survive the trip back in strings_to_tensor.
+    flat = [b.decode("utf-8", "surrogateescape") if isinstance(b, bytes) else str(b) for b in array.ravel()]
+    return np.array(flat, dtype=object).reshape(array.shape)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the inference service needs to know about a model served by Triton."""
+
+    max_batch_size: int  # Triton's; 0 = the model takes no batch dimension
+    version: str  # the highest ready version; "" when none is ready
 
 
 class TritonModels:
@@ -78,24 +115,37 @@ class TritonModels:
         )
 
     async def infer(
-        self, model: str, tensors: dict[str, np.ndarray], *, timeout_s: float, version: str = ""
-    ) -> tuple[dict[str, np.ndarray], str]:
-        """Run one request; returns the outputs (batch dim removed) and the model version used."""
+        self,
+        model: str,
+        inputs: dict[str, np.ndarray],
+        *,
+        batched: bool,
+        timeout_s: float,
+        version: str = "",
+        links: Sequence[Link] = (),
+    ) -> tuple[list[Outputs], str]:
+        """Run one request; returns one output dict per row and the model version used.
+
+        ``batched``: the inputs carry a batch dimension (rows); otherwise they
+        are one item and the result is a list of one.
+        """
+        rows = next(iter(inputs.values())).shape[0] if batched and inputs else 1
+        attrs: dict[str, str | int] = {
+            "rpc.system": "grpc",
+            "rpc.service": "inference.GRPCInferenceService",
+            "rpc.method": "ModelInfer",
+            "server.address": self.url,
+            "loom.model": model,
+            "loom.batch_size": rows,
+        }
+        # One span per Triton call; the other parts of the batch are linked to it.
         with _tracer.start_as_current_span(
-            f"triton infer {model}",
-            kind=SpanKind.CLIENT,
-            attributes={
-                "rpc.system": "grpc",
-                "rpc.service": "inference.GRPCInferenceService",
-                "rpc.method": "ModelInfer",
-                "server.address": self.url,
-                "loom.model": model,
-            },
+            f"triton infer {model}", kind=SpanKind.CLIENT, attributes=attrs, links=links
         ) as span:
             try:
                 result = await self.client.infer(
                     model,
-                    to_inputs(tensors),
+                    to_inputs(inputs, add_batch_dim=False),
                     model_version=version,
                     client_timeout=max(timeout_s, 0.001),
                     headers=inject({}),
@@ -106,14 +156,54 @@ class TritonModels:
                 raise err from None
             response = result.get_response()
             span.set_attribute("loom.model_version", response.model_version)
-            outputs = {out.name: result.as_numpy(out.name)[0] for out in response.outputs}
-            return outputs, response.model_version
+            outputs: Outputs = {}
+            for out in response.outputs:
+                array = result.as_numpy(out.name)
+                outputs[out.name] = _decoded(array) if out.datatype == BYTES else array
+            if not batched:
+                return [outputs], response.model_version
+            if any(a.ndim == 0 or a.shape[0] != rows for a in outputs.values()):
+                raise Internal(f"Triton returned outputs without {rows} rows for model {model}")
+            return [{name: a[i] for name, a in outputs.items()} for i in range(rows)], response.model_version
 
-    async def ready(self, model: str) -> bool:
+    async def model_info(self, model: str, *, timeout_s: float = 2.0) -> ModelInfo:
+        """Triton's max_batch_size for ``model`` and its highest ready version."""
         try:
-            return bool(await self.client.is_model_ready(model))
+            response = await self.client.get_model_config(model, as_json=False, client_timeout=timeout_s)
+        except InferenceServerException as exc:
+            raise to_loom_error(exc, model) from None
+        versions = await self.ready_versions(model, timeout_s=timeout_s)
+        return ModelInfo(int(response.config.max_batch_size), versions[-1] if versions else "")
+
+    async def metadata(self, model: str, version: str = "", *, timeout_s: float = 5.0) -> Any:
+        """Triton's ``inference.ModelMetadataResponse`` for ``model``."""
+        try:
+            return await self.client.get_model_metadata(
+                model, model_version=version, as_json=False, client_timeout=timeout_s
+            )
+        except InferenceServerException as exc:
+            raise to_loom_error(exc, model) from None
+
+    async def ready(self, model: str, version: str = "", *, timeout_s: float = 5.0) -> bool:
+        try:
+            return bool(await self.client.is_model_ready(model, model_version=version, client_timeout=timeout_s))
         except InferenceServerException:
             return False
+
+    async def ready_response(self, model: str, version: str = "") -> bytes:
+        """A serialized ``inference.ModelReadyResponse``."""
+        ready = await self.ready(model, version)
+        return cast(bytes, service_pb2.ModelReadyResponse(ready=ready).SerializeToString())
+
+    async def ready_versions(self, model: str, *, timeout_s: float = 5.0) -> list[str]:
+        """The versions of ``model`` Triton has ready, lowest first; [] when none (or Triton is away)."""
+        try:
+            meta = await self.metadata(model, timeout_s=timeout_s)
+        except LoomError:
+            return []
+        versions = sorted(meta.versions, key=lambda v: (len(v), v))  # numeric order without int()
+        ready = await asyncio.gather(*(self.ready(model, v, timeout_s=timeout_s) for v in versions))
+        return [v for v, ok in zip(versions, ready, strict=True) if ok]
 
     async def close(self) -> None:
         await self.client.close()

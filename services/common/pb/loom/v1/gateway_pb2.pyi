@@ -24,17 +24,25 @@ class Input(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     TEXT_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    CONTENT_TYPE_FIELD_NUMBER: _builtins.int
     text: _builtins.str
+    data: _builtins.bytes
+    """An encoded file: an image (JPEG, PNG, WebP) or audio (WAV, FLAC, OGG)."""
+    content_type: _builtins.str
+    """Optional media type of `data`; the gateway also recognises the bytes."""
     def __init__(
         self,
         *,
         text: _builtins.str = ...,
+        data: _builtins.bytes = ...,
+        content_type: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "text", b"text"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "kind", b"kind", "text", b"text"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_type", b"content_type", "data", b"data", "kind", b"kind", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["text"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["text", "data"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -69,11 +77,14 @@ class PredictRequest(_message.Message):
     INPUTS_FIELD_NUMBER: _builtins.int
     TIMEOUT_MS_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    BYPASS_CACHE_FIELD_NUMBER: _builtins.int
     pipeline: _builtins.str
     timeout_ms: _builtins.int
     """Per-request deadline in milliseconds; 0 means the gateway default."""
     request_id: _builtins.str
     """Optional caller-chosen request id (otherwise the gateway assigns one)."""
+    bypass_cache: _builtins.bool
+    """Skip the inference result cache (always compute)."""
     @_builtins.property
     def inputs(self) -> _containers.MessageMap[_builtins.str, Global___Input]:
         """Named inputs, e.g. {"text": {text: "..."}}."""
@@ -85,10 +96,11 @@ class PredictRequest(_message.Message):
         inputs: _abc.Mapping[_builtins.str, Global___Input] | None = ...,
         timeout_ms: _builtins.int = ...,
         request_id: _builtins.str = ...,
+        bypass_cache: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "pipeline", b"pipeline", "request_id", b"request_id", "timeout_ms", b"timeout_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bypass_cache", b"bypass_cache", "inputs", b"inputs", "pipeline", b"pipeline", "request_id", b"request_id", "timeout_ms", b"timeout_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -160,6 +172,26 @@ class PredictResponse(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class NotesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     TRACE_ID_FIELD_NUMBER: _builtins.int
     PIPELINE_FIELD_NUMBER: _builtins.int
@@ -168,6 +200,8 @@ class PredictResponse(_message.Message):
     MISSING_FIELD_NUMBER: _builtins.int
     TIMINGS_MS_FIELD_NUMBER: _builtins.int
     ERRORS_FIELD_NUMBER: _builtins.int
+    TOPICS_FIELD_NUMBER: _builtins.int
+    NOTES_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     trace_id: _builtins.str
     pipeline: _builtins.str
@@ -182,6 +216,14 @@ class PredictResponse(_message.Message):
     def errors(self) -> _containers.MessageMap[_builtins.str, _envelope_pb2.Error]:
         """Per-part errors when the answer is degraded."""
 
+    @_builtins.property
+    def topics(self) -> _containers.RepeatedCompositeFieldContainer[_envelope_pb2.Label]:
+        """Labels fused across parts (the pipeline's fusion strategy), best first."""
+
+    @_builtins.property
+    def notes(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Per-stage notes, e.g. {"text/inference.cache": "hit"}."""
+
     def __init__(
         self,
         *,
@@ -193,10 +235,12 @@ class PredictResponse(_message.Message):
         missing: _abc.Iterable[_builtins.str] | None = ...,
         timings_ms: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         errors: _abc.Mapping[_builtins.str, _envelope_pb2.Error] | None = ...,
+        topics: _abc.Iterable[_envelope_pb2.Label] | None = ...,
+        notes: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["degraded", b"degraded", "errors", b"errors", "missing", b"missing", "outputs", b"outputs", "pipeline", b"pipeline", "request_id", b"request_id", "timings_ms", b"timings_ms", "trace_id", b"trace_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["degraded", b"degraded", "errors", b"errors", "missing", b"missing", "notes", b"notes", "outputs", b"outputs", "pipeline", b"pipeline", "request_id", b"request_id", "timings_ms", b"timings_ms", "topics", b"topics", "trace_id", b"trace_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
