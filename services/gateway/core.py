@@ -56,6 +56,8 @@ class GatewayCore:
         self.claims = claims
         self._inbox = ""
         self._waiting: dict[str, asyncio.Future[bytes]] = {}
+        #: Triton models the inference service serves (kept by the KServe front door), for metric labels.
+        self.served_models: frozenset[str] = frozenset()
         self.telemetry = TelemetryPublisher(bus, "gateway")
 
     async def start(self) -> None:
@@ -71,8 +73,10 @@ class GatewayCore:
         future.set_result(msg.data)
 
     def record(self, pipeline: str, code: str, protocol: str, seconds: float) -> None:
-        """Count one answered request (both adapters call this)."""
+        """Count one answered request (every adapter calls this); a direct model call is ``model:<name>``."""
         label = self.pipelines.metric_label(pipeline)
+        if label == "_unknown" and pipeline in self.served_models:
+            label = f"model:{pipeline}"
         metrics.REQUESTS.labels(label, code, protocol).inc()
         metrics.REQUEST_DURATION.labels(label, protocol).observe(seconds)
 

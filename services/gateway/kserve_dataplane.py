@@ -77,6 +77,7 @@ class KServeDataPlane:
         if fresh or time.monotonic() - self._models_at > self.core.settings.kserve_models_ttl_s:
             self._models = models_from_list(await self.core.model_query("list", ""))
             self._models_at = time.monotonic()
+            self.core.served_models = frozenset(self._models)
         return self._models
 
     async def resolve(self, name: str) -> PipelineSpec | ModelEntry:

@@ -6,8 +6,15 @@ from services.common.settings import CommonSettings, service_field
 class GatewaySettings(CommonSettings):
     """Gateway settings (``LOOM_GATEWAY_*``)."""
 
-    grpc_port: int = service_field("gateway", "grpc_port", 50051, "gRPC port: loom.v1.Gateway and health.")
-    http_port: int = service_field("gateway", "http_port", 8080, "HTTP port: /v1 API, /metrics, /healthz.")
+    grpc_port: int = service_field(
+        "gateway",
+        "grpc_port",
+        50051,
+        "gRPC port: loom.v1.Gateway, inference.GRPCInferenceService (KServe v2) and health.",
+    )
+    http_port: int = service_field(
+        "gateway", "http_port", 8080, "HTTP port: /v1 API, KServe v2 REST under /v2, /metrics, /healthz."
+    )
     default_timeout_ms: int = service_field(
         "gateway", "default_timeout_ms", 5000, "Deadline when neither the request nor the pipeline sets one."
     )

@@ -4,7 +4,7 @@
 name (UTF-8), the optional header ``Loom-Model-Version`` picks a version; the
 reply is Triton's own serialized ``inference.ModelMetadataResponse`` /
 ``inference.ModelReadyResponse``, so the gateway can hand it on as KServe v2.
-``loom.models.list``: a JSON list ``[{"name": ..., "versions": [...]}]`` of
+``loom.models.list``: a JSON list ``[{"name": ..., "versions": [...], "max_batch_size": n}]`` of
 the served models and their ready versions. Only models in the ``models``
 setting are answered; others get NOT_FOUND in NATS error headers.
 """
@@ -21,7 +21,7 @@ from nats.aio.msg import Msg
 from services.common import subjects
 from services.common.bus import Bus
 from services.common.errors import InvalidArgument, NotFound, as_loom_error, nats_headers
-from services.inference.triton import TritonModels
+from services.inference.triton import ModelInfo, TritonModels
 
 log = logging.getLogger(__name__)
 
@@ -79,5 +79,10 @@ class ModelsApi:
 
     async def _list(self, _: Msg) -> bytes:
         versions = await asyncio.gather(*(self.triton.ready_versions(m) for m in self.models))
-        listing = [{"name": m, "versions": v} for m, v in zip(self.models, versions, strict=True)]
+        infos = await asyncio.gather(*(self.triton.model_info(m) for m in self.models), return_exceptions=True)
+        listing = [
+            # max_batch_size tells the KServe front door whether a model's first dimension is a batch.
+            {"name": m, "versions": v, **({"max_batch_size": i.max_batch_size} if isinstance(i, ModelInfo) else {})}
+            for m, v, i in zip(self.models, versions, infos, strict=True)
+        ]
         return json.dumps(listing).encode()

@@ -173,9 +173,11 @@ def test_content_pipeline_text_and_image(
 
 @pytest.mark.parametrize("transport", ["grpc", "http"])
 def test_minilm_direct_matches_the_pipeline(
-    g: grpcclient.InferenceServerClient, h: httpclient.InferenceServerClient, transport: str
+    mesh: Mesh, g: grpcclient.InferenceServerClient, h: httpclient.InferenceServerClient, transport: str
 ) -> None:
     client, module = (g, grpcclient) if transport == "grpc" else (h, httpclient)
+    counted = {"pipeline": "model:minilm", "protocol": f"kserve-{transport}", "code": "OK"}
+    before = metric(mesh.gateway_http, "loom_requests_total", **counted)
     text = "A man is playing a guitar on the stage."
     pipeline = client.infer("embed", [texts(module, "text", text.encode())]).as_numpy("embedding")
     result = client.infer("minilm", token_inputs(module, text), parameters={"bypass_cache": True})
@@ -192,6 +194,8 @@ def test_minilm_direct_matches_the_pipeline(
         inp.set_data_from_numpy(np.stack([array, array]))
     batch = client.infer("minilm", inputs).as_numpy("embedding")
     assert batch.shape == (2, 384) and cosine(batch[1], pipeline) > 0.999
+    # Direct model calls have a metric label of their own.
+    assert metric(mesh.gateway_http, "loom_requests_total", **counted) == before + 2
 
 
 def test_unknown_model_is_not_found(g: grpcclient.InferenceServerClient, h: httpclient.InferenceServerClient) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
@@ -76,9 +78,13 @@ def test_similar_sentences_score_higher_than_unrelated(mesh: Mesh) -> None:
     assert abs(np.linalg.norm(guitar) - 1.0) < 1e-4
 
 
-def test_caller_request_id_is_kept(mesh: Mesh) -> None:
+def test_caller_request_id_is_kept_and_may_be_reused(mesh: Mesh) -> None:
     status, body = predict_http(mesh.gateway_http, "hello there", request_id="my-req_01")
     assert status == 200 and body["request_id"] == "my-req_01"
+    # Callers reuse ids (KServe clients send "1"): again, and several at once, all answered.
+    with ThreadPoolExecutor(4) as pool:
+        again = list(pool.map(lambda i: predict_http(mesh.gateway_http, f"hello {i}", request_id="1"), range(4)))
+    assert [(status, body["request_id"]) for status, body in again] == [(200, "1")] * 4
 
 
 def test_one_request_is_one_trace_across_all_six_processes(mesh: Mesh) -> None:
