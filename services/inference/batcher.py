@@ -102,10 +102,14 @@ class MicroBatcher(Generic[ItemT, ResultT]):
         max_delay_s: float = 0.002,
         key: Callable[[ItemT], Hashable] = lambda _: None,
         name: str = "",
+        dispatch_when_idle: bool = False,
     ) -> None:
         self.run_batch = run_batch
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
+        #: Send at once when no batch of this batcher is running: a lone request pays no
+        #: batching delay, and under load the parts that arrive while a batch runs form the next.
+        self.dispatch_when_idle = dispatch_when_idle
         self.key = key
         self.name = name
         self._pending: dict[Hashable, _Pending[ItemT, ResultT]] = {}
@@ -131,7 +135,7 @@ class MicroBatcher(Generic[ItemT, ResultT]):
             # Triton span) runs in the trace of the batch's first part.
             pending.timer = loop.call_later(self.max_delay_s, self._dispatch, key)
         pending.items.append((item, fut))
-        if len(pending.items) >= self.max_batch_size:
+        if len(pending.items) >= self.max_batch_size or (self.dispatch_when_idle and not self._running):
             self._dispatch(key)
         try:
             async with asyncio.timeout(timeout_s) as scope:
@@ -154,7 +158,13 @@ class MicroBatcher(Generic[ItemT, ResultT]):
         BATCH_DELAY.labels(self.name).observe(asyncio.get_running_loop().time() - pending.started)
         task = asyncio.create_task(self._run(live))
         self._running.add(task)
-        task.add_done_callback(self._running.discard)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        if self.dispatch_when_idle and not self._running and not self._closed:
+            for key in list(self._pending):  # what gathered while the model was busy goes now
+                self._dispatch(key)
 
     async def _run(self, batch: list[tuple[ItemT, asyncio.Future[ResultT]]]) -> None:
         try:

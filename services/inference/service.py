@@ -97,6 +97,7 @@ class Inference(Service):
             max_delay_s=self.inf.max_batch_delay_ms / 1000.0,
             key=lambda row: compat_key(row.tensors, pad=pad),
             name=model,
+            dispatch_when_idle=self.inf.batch_when_busy_only,
         )
         return _Model(model, batcher)
 

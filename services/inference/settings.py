@@ -40,6 +40,12 @@ class InferenceSettings(CommonSettings):
         2.0,
         "Longest wait, from a batch's first part, for more parts before the batch goes to Triton.",
     )
+    batch_when_busy_only: bool = service_field(
+        "inference",
+        "batch_when_busy_only",
+        True,
+        "Send a part at once when no batch of its model is running; wait for company only while one is.",
+    )
     pad_models: list[str] = service_field(
         "inference",
         "pad_models",

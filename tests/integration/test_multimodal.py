@@ -232,3 +232,37 @@ def test_grpc_predict_carries_files(mesh: Mesh) -> None:
             stub.Predict(bad, timeout=30)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "not a supported audio file" in (info.value.details() or "")
+
+
+async def test_preprocessors_publish_input_statistics(mesh: Mesh, speech: tuple[bytes, float, float]) -> None:
+    """The raw material for drift monitoring: each part's input statistics on loom.tel.preprocess."""
+    import asyncio
+
+    import nats
+
+    from services.common import subjects
+    from services.common.pb.loom.v1 import envelope_pb2 as pb
+
+    events: list[pb.TelemetryEvent] = []
+    nc = await nats.connect(mesh.nats_url)
+    try:
+
+        async def collect(msg: Any) -> None:
+            events.append(pb.TelemetryEvent.FromString(msg.data))
+
+        await nc.subscribe(subjects.telemetry("preprocess"), cb=collect)
+        await nc.flush()
+        inputs = {"text": SPORT, "image": media.text_image(PHRASE), "audio": speech[0]}
+        status, body = await asyncio.to_thread(predict_inputs, mesh.gateway_http, "content", inputs)
+        assert status == 200, body
+        async with asyncio.timeout(10):
+            while {e.stage for e in events} < {"loom.pre.text", "loom.pre.image", "loom.pre.audio"}:
+                await asyncio.sleep(0.05)
+    finally:
+        await nc.close()
+    # Keyed by stage and part: the image's OCR text passes pre.text too.
+    stats = {e.stage: dict(e.stats) for e in events if e.part_id == e.stage.rsplit(".", 1)[-1]}
+    assert stats["loom.pre.image"]["image_width"] == 640 and stats["loom.pre.image"]["image_height"] == 160
+    assert 0.8 < stats["loom.pre.image"]["image_brightness"] <= 1.0  # black text on white
+    assert stats["loom.pre.audio"]["audio_duration_s"] == pytest.approx(speech[2] + 1.0, abs=0.1)
+    assert stats["loom.pre.text"]["text_tokens"] > 10

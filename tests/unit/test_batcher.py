@@ -91,6 +91,22 @@ async def test_a_lone_item_waits_at_most_the_delay() -> None:
     assert run.batches[1:] == [[1], [2]]
 
 
+async def test_when_idle_a_lone_item_goes_at_once_and_the_rest_batch_behind_it() -> None:
+    run = Recorder(delay_s=0.05)
+    batcher: MicroBatcher[int, int] = MicroBatcher(
+        run, max_batch_size=16, max_delay_s=1.0, name="t-idle", dispatch_when_idle=True
+    )
+    started = time.monotonic()
+    assert await batcher.submit(3) == 6
+    assert time.monotonic() - started < 0.5  # not the 1 s batching delay
+    # While that first batch runs, the others gather behind it and go as soon as it is done.
+    started = time.monotonic()
+    results = await asyncio.gather(*(batcher.submit(i) for i in range(6)))
+    assert results == [2 * i for i in range(6)]
+    assert time.monotonic() - started < 0.5
+    assert [len(b) for b in run.batches] == [1, 1, 5]
+
+
 async def test_incompatible_items_go_in_separate_batches() -> None:
     calls: list[list[int]] = []
 
