@@ -24,7 +24,8 @@ from services.common.errors import InvalidArgument, NotFound
 
 Modality = Literal["text", "image", "audio"]
 NAME = r"^[a-z][a-z0-9_-]{0,62}$"
-STAGE = r"^(pre|infer|post)\.[a-z0-9][a-z0-9_-]{0,62}$"
+_NAME = re.compile(NAME)
+_STAGE = re.compile(r"^(pre|infer|post)\.[a-z0-9][a-z0-9_-]{0,62}$")
 
 
 class InputSpec(BaseModel):
@@ -42,7 +43,7 @@ class InputSpec(BaseModel):
     @classmethod
     def _stage_names(cls, stages: list[str]) -> list[str]:
         for stage in stages:
-            if not isinstance(stage, str) or not _matches(STAGE, stage):
+            if not _STAGE.match(stage):
                 raise ValueError(f"stage {stage!r} is not of the form pre.<name>, infer.<model> or post.<task>")
         return stages
 
@@ -75,7 +76,7 @@ class PipelineSpec(BaseModel):
     @classmethod
     def _input_names(cls, inputs: dict[str, InputSpec]) -> dict[str, InputSpec]:
         for name in inputs:
-            if not _matches(NAME, name):
+            if not _NAME.match(name):
                 raise ValueError(f"input name {name!r} must match {NAME}")
         return inputs
 
@@ -84,10 +85,6 @@ class PipelineSpec(BaseModel):
         if self.fusion.strategy == "weighted" and not any(i.weight > 0 for i in self.inputs.values()):
             raise ValueError("weighted fusion needs at least one input with a weight above 0")
         return self
-
-
-def _matches(pattern: str, value: str) -> bool:
-    return re.match(pattern, value) is not None
 
 
 def parse_spec(text: str | bytes, *, name: str | None = None) -> PipelineSpec:

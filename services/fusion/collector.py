@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from services.common.pb.loom.v1 import envelope_pb2 as pb
 from services.common.pb.loom.v1 import fusion_pb2
-from services.common.pipelines import FusionSpec, PipelineSpec
+from services.common.pipelines import PipelineSpec
 
 
 @dataclass
@@ -106,11 +106,10 @@ def fuse(state: Pending, spec: PipelineSpec | None = None) -> fusion_pb2.FusedRe
             resp.errors[part_id].CopyFrom(part.error)
         else:
             resp.outputs[part_id].CopyFrom(part.output)
-    fusion = spec.fusion if spec is not None else FusionSpec()
-    if fusion.strategy == "weighted" and spec is not None:
+    if spec is not None and spec.fusion.strategy == "weighted":
         answered = [p for p in state.parts.values() if not p.HasField("error")]
         weights = {name: i.weight for name, i in spec.inputs.items()}
-        for label, score in weighted_topics(answered, weights, fusion.top_k):
+        for label, score in weighted_topics(answered, weights, spec.fusion.top_k):
             resp.topics.add(label=label, score=score)
     if not resp.outputs:
         errors = [state.parts[p].error for p in state.part_ids if p in state.parts and state.parts[p].HasField("error")]

@@ -7,23 +7,19 @@ or ``multipart/form-data`` (files as file parts: ``curl -F image=@photo.png``).
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 from aiohttp import BodyPartReader, web
-from opentelemetry import trace
-from opentelemetry.trace import SpanKind
 
 from services.common.errors import InvalidArgument, LoomError, ResourceExhausted, as_loom_error, http_body, http_status
 from services.common.pipeline_store import PipelineStore
 from services.common.pipelines import to_yaml
-from services.common.telemetry import extract
 from services.gateway import convert
 from services.gateway.core import GatewayCore, PredictCall
+from services.gateway.edges import body_too_large, http_traced, read_body
 from services.gateway.settings import GatewaySettings
 
 OPENAPI = Path(__file__).with_name("openapi.yaml")
-_tracer = trace.get_tracer("loom.gateway")
 
 
 def error_response(exc: Exception) -> web.Response:
@@ -39,27 +35,19 @@ class GatewayHttp:
         self.max_input_bytes = settings.max_input_bytes
 
     def add_routes(self, app: web.Application) -> None:
-        app.router.add_post("/v1/pipelines/{pipeline}:predict", self.predict)
+        app.router.add_post(
+            "/v1/pipelines/{pipeline}:predict", http_traced(self.predict, render_error=error_response, done=self._done)
+        )
         app.router.add_get("/v1/pipelines", self.list_pipelines)
         app.router.add_get("/v1/pipelines/{pipeline}", self.get_pipeline)
         app.router.add_put("/v1/pipelines/{pipeline}", self.put_pipeline)
         app.router.add_get("/openapi.yaml", self.openapi)
 
     def _too_large(self, size: int | None = None) -> ResourceExhausted:
-        got = f" of {size} bytes" if size is not None else ""
-        return ResourceExhausted(
-            f"request body{got} exceeds the limit of {self.max_body_bytes} bytes "
-            f"(each file input may be at most {self.max_input_bytes} bytes)"
-        )
+        return body_too_large(self.max_body_bytes, self.max_input_bytes, size)
 
     async def _read(self, request: web.Request) -> bytes:
-        # Refuse at once on the declared length: never read (or wait for) a body we will not take.
-        if request.content_length is not None and request.content_length > self.max_body_bytes:
-            raise self._too_large(request.content_length)
-        try:
-            return await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise self._too_large() from None
+        return await read_body(request, self.max_body_bytes, self.max_input_bytes)
 
     async def _read_call(self, request: web.Request, pipeline: str) -> PredictCall:
         if request.content_type == "multipart/form-data":
@@ -90,28 +78,11 @@ class GatewayHttp:
         return fields
 
     async def predict(self, request: web.Request) -> web.Response:
-        pipeline = request.match_info["pipeline"]
-        started = time.perf_counter()
-        code = "OK"
-        with _tracer.start_as_current_span(
-            "POST /v1/pipelines/{pipeline}:predict",
-            context=extract(dict(request.headers)),
-            kind=SpanKind.SERVER,
-            attributes={"http.request.method": "POST", "url.path": request.path},
-        ) as span:
-            try:
-                call = await self._read_call(request, pipeline)
-                resp = await self.core.predict(call)
-                return web.json_response(convert.response_to_json(resp))
-            except Exception as exc:
-                err = as_loom_error(exc)
-                code = str(err.code)
-                if not isinstance(exc, LoomError):
-                    span.record_exception(exc)
-                span.set_attribute("http.response.status_code", http_status(err))
-                return web.json_response(http_body(err), status=http_status(err))
-            finally:
-                self.core.record(pipeline, code, "http", time.perf_counter() - started)
+        call = await self._read_call(request, request.match_info["pipeline"])
+        return web.json_response(convert.response_to_json(await self.core.predict(call)))
+
+    def _done(self, request: web.Request, code: str, seconds: float) -> None:
+        self.core.record(request.match_info["pipeline"], code, "http", seconds)
 
     async def list_pipelines(self, _: web.Request) -> web.Response:
         specs = [self.core.pipelines.get(n) for n in self.core.pipelines.names()]

@@ -1,35 +1,25 @@
 """gRPC adapter for the KServe v2 / Triton ``inference.GRPCInferenceService``.
 
 An unmodified ``tritonclient.grpc`` client can call the gateway as if it were
-Triton. Methods are registered with raw-bytes deserializers (as in
-:mod:`services.gateway.grpc_api`), so a malformed message is INVALID_ARGUMENT
+Triton. Methods take raw bytes (:func:`services.gateway.edges.grpc_unary`, as
+:mod:`services.gateway.grpc_api` does), so a malformed message is INVALID_ARGUMENT
 with a message; methods Loom does not offer answer UNIMPLEMENTED, saying so.
 """
 
 from __future__ import annotations
 
-import logging
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-from google.protobuf.message import DecodeError
-from opentelemetry import trace
-from opentelemetry.trace import SpanKind
 from tritonclient.grpc import service_pb2
 
-from services.common.errors import InvalidArgument, LoomError, as_loom_error, grpc_status
-from services.common.telemetry import extract
+from services.gateway.edges import GrpcCall, grpc_unary
 from services.gateway.kserve_dataplane import EXTENSIONS, SERVER_NAME, KServeDataPlane
 from services.gateway.kserve_wire import request_from_grpc, to_grpc_response
 
 SERVICE = "inference.GRPCInferenceService"
 PROTOCOL = "kserve-grpc"
-_tracer = trace.get_tracer("loom.gateway")
-log = logging.getLogger(__name__)
-
-Method = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
 
 class KServeGrpc:
@@ -61,38 +51,12 @@ class KServeGrpc:
                 resp.models.add(name=name, version=version, state=state, reason=reason)
         return resp
 
-    def _unary(self, name: str, request_type: Any, method: Method) -> grpc.RpcMethodHandler:
-        async def call(raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
-            carrier = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
-            started, code, model = time.perf_counter(), "OK", ""
-            with _tracer.start_as_current_span(
-                f"{SERVICE}/{name}",
-                context=extract(carrier),
-                kind=SpanKind.SERVER,
-                attributes={"rpc.system": "grpc", "rpc.service": SERVICE, "rpc.method": name},
-            ) as span:
-                try:
-                    try:
-                        req = request_type.FromString(raw)
-                    except DecodeError:
-                        raise InvalidArgument(f"malformed inference.{request_type.__name__}") from None
-                    model = getattr(req, "model_name", "")
-                    resp = await method(req, context)
-                    return bytes(resp.SerializeToString())
-                except Exception as exc:
-                    err = as_loom_error(exc)
-                    code = str(err.code)
-                    span.set_attribute("rpc.grpc.status_code", grpc_status(err).value[0])
-                    if not isinstance(exc, LoomError):
-                        span.record_exception(exc)
-                        log.exception("KServe gRPC %s failed", name)
-                    await context.abort(grpc_status(err), err.message)
-                    raise  # abort raises; this keeps type checkers content
-                finally:
-                    if name == "ModelInfer":
-                        self.plane.core.record(model, code, PROTOCOL, time.perf_counter() - started)
+    def _unary(self, name: str, request_type: Any, method: GrpcCall) -> grpc.RpcMethodHandler:
+        done = self._record if name == "ModelInfer" else None  # only inference calls are counted
+        return grpc_unary(SERVICE, name, request_type, method, done)
 
-        return grpc.unary_unary_rpc_method_handler(call, request_deserializer=None, response_serializer=None)
+    def _record(self, req: Any, code: str, seconds: float) -> None:
+        self.plane.core.record(getattr(req, "model_name", ""), code, PROTOCOL, seconds)
 
     def handler(self) -> grpc.GenericRpcHandler:
         methods = {

@@ -8,29 +8,20 @@ status of Loom's error table; readiness answers 200 for true and 400 for false.
 from __future__ import annotations
 
 import json
-import logging
-import time
-from collections.abc import Awaitable, Callable
 
 from aiohttp import web
-from opentelemetry import trace
-from opentelemetry.trace import SpanKind
 
-from services.common.errors import InvalidArgument, LoomError, ResourceExhausted, as_loom_error, http_status
-from services.common.telemetry import extract
+from services.common.errors import InvalidArgument, LoomError, http_status
+from services.gateway.edges import HttpHandler, http_traced, read_body
 from services.gateway.kserve_dataplane import EXTENSIONS, SERVER_NAME, KServeDataPlane
 from services.gateway.kserve_rest import metadata_to_json, request_from_rest, to_rest_response
+from services.gateway.settings import GatewaySettings
 
 PROTOCOL = "kserve-http"
 HEADER_LENGTH = "Inference-Header-Content-Length"
-_tracer = trace.get_tracer("loom.gateway")
-log = logging.getLogger(__name__)
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def error_response(exc: Exception) -> web.Response:
-    err = as_loom_error(exc)
+def error_response(err: LoomError) -> web.Response:
     return web.json_response({"error": err.message}, status=http_status(err))
 
 
@@ -39,7 +30,7 @@ def _ready(ok: bool) -> web.Response:
 
 
 @web.middleware
-async def _kserve_not_found(request: web.Request, handler: Handler) -> web.StreamResponse:
+async def _kserve_not_found(request: web.Request, handler: HttpHandler) -> web.StreamResponse:
     """Unrouted paths and methods under /v2 (model config, statistics, ...) get KServe's error shape.
 
     tritonclient.http reads every error body as JSON; aiohttp's plain-text 404 would break it.
@@ -58,9 +49,9 @@ async def _kserve_not_found(request: web.Request, handler: Handler) -> web.Strea
 
 
 class KServeHttp:
-    def __init__(self, plane: KServeDataPlane, max_body_bytes: int) -> None:
+    def __init__(self, plane: KServeDataPlane, settings: GatewaySettings) -> None:
         self.plane = plane
-        self.max_body_bytes = max_body_bytes
+        self.settings = settings
 
     def add_routes(self, app: web.Application) -> None:
         get = app.router.add_get
@@ -74,37 +65,15 @@ class KServeHttp:
         app.router.add_post("/v2/repository/index", self._traced(self.repository_index))
         app.middlewares.append(_kserve_not_found)
 
-    def _traced(self, handler: Handler, *, record: bool = False) -> Handler:
+    def _traced(self, handler: HttpHandler, *, record: bool = False) -> HttpHandler:
         """A SERVER span around ``handler``; any error becomes ``{"error": ...}`` with its status.
 
         ``record``: count the call in the request metrics (inference calls only).
         """
+        return http_traced(handler, render_error=error_response, done=self._record if record else None)
 
-        async def traced(request: web.Request) -> web.StreamResponse:
-            route = request.match_info.route.resource.canonical if request.match_info.route.resource else request.path
-            started, code = time.perf_counter(), "OK"
-            with _tracer.start_as_current_span(
-                f"{request.method} {route}",
-                context=extract(dict(request.headers)),
-                kind=SpanKind.SERVER,
-                attributes={"http.request.method": request.method, "url.path": request.path},
-            ) as span:
-                try:
-                    response = await handler(request)
-                except Exception as exc:
-                    err = as_loom_error(exc)
-                    code = str(err.code)
-                    if not isinstance(exc, LoomError):
-                        span.record_exception(exc)
-                        log.exception("KServe REST %s failed", request.path)
-                    response = error_response(err)
-                if record:
-                    model = request.match_info.get("model", "")
-                    self.plane.core.record(model, code, PROTOCOL, time.perf_counter() - started)
-                span.set_attribute("http.response.status_code", response.status)
-                return response
-
-        return traced
+    def _record(self, request: web.Request, code: str, seconds: float) -> None:
+        self.plane.core.record(request.match_info.get("model", ""), code, PROTOCOL, seconds)
 
     async def server_metadata(self, _: web.Request) -> web.Response:
         return web.json_response({"name": SERVER_NAME, "version": self.plane.version, "extensions": list(EXTENSIONS)})
@@ -141,13 +110,7 @@ class KServeHttp:
         return web.json_response(body)
 
     async def _read(self, request: web.Request) -> bytes:
-        # Refuse on the declared length: never read (or wait for) a body we will not take.
-        if request.content_length is not None and request.content_length > self.max_body_bytes:
-            raise ResourceExhausted(f"request body of {request.content_length} bytes exceeds {self.max_body_bytes}")
-        try:
-            return await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise ResourceExhausted(f"request body exceeds {self.max_body_bytes} bytes") from None
+        return await read_body(request, self.settings.max_body_bytes, self.settings.max_input_bytes)
 
     async def infer(self, request: web.Request) -> web.Response:
         info, body = request.match_info, await self._read(request)

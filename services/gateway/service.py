@@ -61,7 +61,7 @@ class Gateway(Service):
         assert self._store is not None, "bind() first"
         assert self._kserve is not None, "bind() first"
         GatewayHttp(self.core, self._store, self.gw).add_routes(app)
-        KServeHttp(self._kserve, self.gw.max_body_bytes).add_routes(app)
+        KServeHttp(self._kserve, self.gw).add_routes(app)
 
     def grpc_options(self) -> list[tuple[str, int]]:
         return [("grpc.max_receive_message_length", self.gw.max_body_bytes)]

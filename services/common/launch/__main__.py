@@ -26,7 +26,7 @@ Loom is ready ({len(SERVICES)} services, nats-server, tritonserver; logs in {mes
 Try:
   curl -s -X POST {mesh.gateway_http}/v1/pipelines/embed:predict \\
        -H 'content-type: application/json' -d '{{"inputs": {{"text": "The match ended in a draw."}}}}'
-  curl -s -X POST {mesh.gateway_http}/v1/pipelines/content:predict \
+  curl -s -X POST {mesh.gateway_http}/v1/pipelines/content:predict \\
        -F text='Stocks fell as the central bank raised rates.' -F image=@photo.png -F audio=@speech.wav
 
 Ctrl-C stops everything.

@@ -1,0 +1,118 @@
+"""What every gateway adapter does around its handler, written once.
+
+The loom.v1 and the KServe adapters, gRPC and HTTP alike: a SERVER span
+continuing the caller's ``traceparent``, every failure turned into the
+transport's typed error (never a stack trace), the outcome counted; and for
+HTTP, bodies read only up to the limit.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from aiohttp import web
+from google.protobuf.message import DecodeError
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
+
+from services.common.errors import InvalidArgument, LoomError, ResourceExhausted, as_loom_error, grpc_status
+from services.common.telemetry import extract
+
+_tracer = trace.get_tracer("loom.gateway")
+log = logging.getLogger(__name__)
+
+#: A gRPC method's work: the decoded request in, the response message out.
+GrpcCall = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+#: Called once per call with (decoded request or None, code, seconds).
+GrpcDone = Callable[[Any, str, float], None]
+HttpHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+#: Called once per call with (request, code, seconds).
+HttpDone = Callable[[web.Request, str, float], None]
+
+
+def grpc_unary(service: str, method: str, request_type: Any, call: GrpcCall, done: GrpcDone | None = None) -> Any:
+    """A unary handler taking raw bytes, so a malformed message is INVALID_ARGUMENT with a message."""
+
+    async def handle(raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        carrier = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
+        started, code, req = time.perf_counter(), "OK", None
+        with _tracer.start_as_current_span(
+            f"{service}/{method}",
+            context=extract(carrier),
+            kind=SpanKind.SERVER,
+            attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": method},
+        ) as span:
+            try:
+                try:
+                    req = request_type.FromString(raw)
+                except DecodeError:
+                    raise InvalidArgument(f"malformed {request_type.DESCRIPTOR.full_name}") from None
+                return bytes((await call(req, context)).SerializeToString())
+            except Exception as exc:
+                err = as_loom_error(exc)
+                code = str(err.code)
+                span.set_attribute("rpc.grpc.status_code", grpc_status(err).value[0])
+                if not isinstance(exc, LoomError):
+                    span.record_exception(exc)
+                    log.exception("%s/%s failed", service, method)
+                await context.abort(grpc_status(err), err.message)
+                raise  # abort raises; this keeps type checkers content
+            finally:
+                if done is not None:
+                    done(req, code, time.perf_counter() - started)
+
+    return grpc.unary_unary_rpc_method_handler(handle, request_deserializer=None, response_serializer=None)
+
+
+def http_traced(
+    handler: HttpHandler, *, render_error: Callable[[LoomError], web.Response], done: HttpDone | None = None
+) -> HttpHandler:
+    """A SERVER span around ``handler``; any error becomes ``render_error``'s response."""
+
+    async def traced(request: web.Request) -> web.StreamResponse:
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else request.path
+        started, code = time.perf_counter(), "OK"
+        with _tracer.start_as_current_span(
+            f"{request.method} {route}",
+            context=extract(dict(request.headers)),
+            kind=SpanKind.SERVER,
+            attributes={"http.request.method": request.method, "url.path": request.path},
+        ) as span:
+            try:
+                response = await handler(request)
+            except Exception as exc:
+                err = as_loom_error(exc)
+                code = str(err.code)
+                if not isinstance(exc, LoomError):
+                    span.record_exception(exc)
+                    log.exception("%s %s failed", request.method, request.path)
+                response = render_error(err)
+            if done is not None:
+                done(request, code, time.perf_counter() - started)
+            span.set_attribute("http.response.status_code", response.status)
+            return response
+
+    return traced
+
+
+def body_too_large(max_body_bytes: int, max_input_bytes: int, size: int | None = None) -> ResourceExhausted:
+    got = f" of {size} bytes" if size is not None else ""
+    return ResourceExhausted(
+        f"request body{got} exceeds the limit of {max_body_bytes} bytes "
+        f"(each file input may be at most {max_input_bytes} bytes)"
+    )
+
+
+async def read_body(request: web.Request, max_body_bytes: int, max_input_bytes: int) -> bytes:
+    """The whole body, refused at once on its declared length: never read (or wait for) one we will not take."""
+    if request.content_length is not None and request.content_length > max_body_bytes:
+        raise body_too_large(max_body_bytes, max_input_bytes, request.content_length)
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise body_too_large(max_body_bytes, max_input_bytes) from None
