@@ -3,8 +3,10 @@
 #   espeak-ng, sox        speech test inputs (tests/media.py)
 #   fonts-dejavu-core     a font for the OCR test images
 #   libsndfile1           soundfile's decoder (the wheel bundles one; this is the system fallback)
+#   prometheus            promtool, which checks and unit-tests deploy/monitoring's config and alert rules
+#   chromium              a headless browser for the dashboard test
 set -euo pipefail
-packages=(espeak-ng sox fonts-dejavu-core libsndfile1)
+packages=(espeak-ng sox fonts-dejavu-core libsndfile1 prometheus chromium)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

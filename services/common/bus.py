@@ -12,7 +12,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+import weakref
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
 
 import nats
 import nats.errors
@@ -21,6 +23,8 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
+from prometheus_client.core import REGISTRY, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from services.common import metrics
 from services.common.errors import NATS_ERROR_CODE, DeadlineExceeded, Unavailable, error_from_nats_headers
@@ -36,17 +40,44 @@ def _metric_subject(subject: str) -> str:
     return "_INBOX" if subject.startswith("_INBOX") else subject
 
 
+class _PendingCollector(Collector):
+    """``loom_subscription_pending``: messages waiting in each subscription's client queue."""
+
+    def __init__(self) -> None:
+        self.buses: weakref.WeakSet[Bus] = weakref.WeakSet()
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "loom_subscription_pending",
+            "Messages received but not yet handled, per subscription (consumer lag).",
+            labels=["service", "subject"],
+        )
+        for bus in list(self.buses):
+            for sub in bus._subs:
+                family.add_metric([bus.service, _metric_subject(sub.subject)], sub.pending_msgs)
+        yield family
+
+
+_PENDING = _PendingCollector()
+REGISTRY.register(_PENDING)
+
+
 class Bus:
     """One NATS connection of one service."""
 
-    def __init__(self, service: str, *, max_inflight: int = 256) -> None:
+    def __init__(self, service: str, *, max_inflight: int = 256, outbox_size: int = 10_000) -> None:
         self.service = service
         self.max_inflight = max_inflight
+        self.outbox_size = outbox_size
+        self._outbox: asyncio.Queue[tuple[str, bytes, dict[str, str]]] | None = None
+        self._sender: asyncio.Task[None] | None = None
         self._nc: NATS | None = None
         self._subs: list[Subscription] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._tracer = trace.get_tracer("loom.bus")
         self._closing = False
+        self._slow_logged: dict[str, float] = {}
+        _PENDING.buses.add(self)
 
     @property
     def nc(self) -> NATS:
@@ -81,6 +112,16 @@ class Bus:
                 await asyncio.sleep(0.5)
 
     async def _on_error(self, exc: Exception) -> None:
+        if isinstance(exc, nats.errors.SlowConsumerError):
+            # The subscription's bounded queue is full: the client dropped this message.
+            # Counted under the subscription's subject (loom.tel.>), not the message's.
+            subject = _metric_subject(exc.sub.subject if exc.sub is not None else exc.subject)
+            metrics.SLOW_CONSUMER_DROPS.labels(self.service, subject).inc()
+            now = time.monotonic()
+            if now - self._slow_logged.get(subject, 0.0) > 10.0:  # one line per subject per 10 s
+                self._slow_logged[subject] = now
+                log.warning("slow consumer on %s: the client is dropping messages", subject)
+            return
         log.warning("nats error: %s", exc)
 
     async def _on_disconnected(self) -> None:
@@ -106,6 +147,43 @@ class Bus:
             hdrs = inject(dict(headers or {}))
             await self.nc.publish(subject, payload, headers=hdrs)
         metrics.MESSAGES.labels(self.service, _metric_subject(subject), "out").inc()
+
+    def publish_nowait(self, subject: str, payload: bytes, headers: dict[str, str] | None = None) -> bool:
+        """Queue a fire-and-forget message (telemetry); never waits, False when the queue is full.
+
+        A background task sends the queue, so a slow or disconnected NATS never
+        holds up the caller. No span: pass ``traceparent`` in ``headers`` to
+        keep the message in the caller's trace.
+        """
+        if self._outbox is None:
+            self._outbox = asyncio.Queue(maxsize=self.outbox_size)
+            self._sender = asyncio.create_task(self._send_outbox())
+        try:
+            self._outbox.put_nowait((subject, payload, dict(headers or {})))
+        except asyncio.QueueFull:
+            return False
+        return True
+
+    async def _send_outbox(self) -> None:
+        assert self._outbox is not None
+        while True:
+            subject, payload, headers = await self._outbox.get()
+            try:
+                await self.nc.publish(subject, payload, headers=headers or None)
+                metrics.MESSAGES.labels(self.service, _metric_subject(subject), "out").inc()
+            except Exception as exc:  # dropped: the caller asked for no guarantees
+                log.debug("queued publish on %s failed: %s", subject, exc)
+            finally:
+                self._outbox.task_done()
+
+    async def _flush_outbox(self, timeout: float) -> None:
+        if self._outbox is not None and self._sender is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._outbox.join(), timeout)
+            self._sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sender
+            self._outbox = self._sender = None
 
     async def request(
         self, subject: str, payload: bytes, *, timeout: float, headers: dict[str, str] | None = None
@@ -133,10 +211,34 @@ class Bus:
         if msg.reply:
             await self.publish(msg.reply, payload, headers)
 
-    async def subscribe(self, subject: str, handler: MsgHandler, *, queue: str = "") -> None:
-        """Handle ``subject`` with ``handler``, at most ``max_inflight`` at once."""
-        limit = asyncio.Semaphore(self.max_inflight)
+    async def subscribe(
+        self, subject: str, handler: MsgHandler, *, queue: str = "", pending_limit: int = 0, inline: bool = False
+    ) -> None:
+        """Handle ``subject`` with ``handler``, at most ``max_inflight`` at once.
+
+        ``pending_limit`` bounds the messages the client queues for this
+        subscription (beyond it the client drops them and counts a slow
+        consumer). ``inline`` handles one message at a time in the
+        subscription's own task, with no span: for cheap, high-volume handlers
+        such as the monitor's telemetry, where the queue is the buffer.
+        """
         label = _metric_subject(subject)
+        limits: dict[str, Any] = {}
+        if pending_limit > 0:
+            limits = {"pending_msgs_limit": pending_limit, "pending_bytes_limit": pending_limit * 4096}
+        if inline:
+
+            async def on_inline(msg: Msg) -> None:
+                metrics.MESSAGES.labels(self.service, label, "in").inc()
+                try:
+                    await handler(msg)
+                except Exception:
+                    log.exception("unhandled error on %s", msg.subject)
+                    metrics.ERRORS.labels(self.service, "INTERNAL").inc()
+
+            self._subs.append(await self.nc.subscribe(subject, queue=queue, cb=on_inline, **limits))
+            return
+        limit = asyncio.Semaphore(self.max_inflight)
 
         async def on_msg(msg: Msg) -> None:
             await limit.acquire()  # back-pressure: the rest waits in the client's queue
@@ -145,7 +247,7 @@ class Bus:
             task.add_done_callback(self._tasks.discard)
             task.add_done_callback(lambda _: limit.release())
 
-        self._subs.append(await self.nc.subscribe(subject, queue=queue, cb=on_msg))
+        self._subs.append(await self.nc.subscribe(subject, queue=queue, cb=on_msg, **limits))
 
     async def _handle(self, msg: Msg, handler: MsgHandler, queue: str, label: str) -> None:
         metrics.MESSAGES.labels(self.service, label, "in").inc()
@@ -185,6 +287,10 @@ class Bus:
     async def close(self) -> None:
         """Flush what was published and close; safe to call twice."""
         self._closing = True
+        if self._nc is not None and self._nc.is_connected:
+            await self._flush_outbox(timeout=2.0)
+        elif self._sender is not None:
+            self._sender.cancel()
         nc, self._nc = self._nc, None
         if nc is None or nc.is_closed:
             return

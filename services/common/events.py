@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-import logging
-
-from services.common import subjects
+from services.common import metrics, subjects
 from services.common.bus import Bus
 from services.common.envelope import now_ms
 from services.common.pb.loom.v1 import envelope_pb2 as pb
-
-log = logging.getLogger(__name__)
+from services.common.telemetry import inject
 
 
 class TelemetryPublisher:
-    """Publishes :class:`TelemetryEvent` on ``loom.tel.<service>``."""
+    """Publishes :class:`TelemetryEvent` on ``loom.tel.<service>``.
+
+    Fire and forget: events go through the bus's bounded outbox, so telemetry
+    never blocks or fails the work it describes; when the outbox is full the
+    event is dropped and counted in ``loom_telemetry_dropped_total``.
+    """
 
     def __init__(self, bus: Bus, service: str) -> None:
         self._bus = bus
@@ -30,21 +32,24 @@ class TelemetryPublisher:
         duration_ms: float = 0.0,
         code: str = "OK",
         stats: dict[str, float] | None = None,
+        outcome: str = "",
+        model: str = "",
+        model_version: str = "",
     ) -> None:
         event = pb.TelemetryEvent(
             service=self._service,
             stage=stage,
             pipeline=part.pipeline if part else pipeline,
-            model=part.model if part else "",
-            model_version=part.model_version if part else "",
+            model=part.model if part else model,
+            model_version=part.model_version if part else model_version,
             request_id=part.request_id if part else request_id,
             part_id=part.part_id if part else "",
             duration_ms=duration_ms,
             code=code,
             timestamp_unix_ms=now_ms(),
             stats=stats or {},
+            outcome=outcome,
         )
-        try:
-            await self._bus.publish(self._subject, event.SerializeToString())
-        except Exception as exc:  # telemetry must never fail the work it describes
-            log.warning("telemetry publish failed: %s", exc)
+        # The trace context travels with the event: the monitor's span joins the request's trace.
+        if not self._bus.publish_nowait(self._subject, event.SerializeToString(), inject({})):
+            metrics.TELEMETRY_DROPPED.labels(self._service).inc()

@@ -49,7 +49,7 @@ class Runtime:
 
     @classmethod
     def create(cls, service: str, settings: CommonSettings) -> Runtime:
-        bus = Bus(service, max_inflight=settings.max_inflight)
+        bus = Bus(service, max_inflight=settings.max_inflight, outbox_size=settings.telemetry_queue)
         pipelines = PipelineRegistry([])
         return cls(
             service,
@@ -126,7 +126,9 @@ async def serve(service: Service) -> None:
     settings = service.settings
     name = service.name
     setup_logging(name, settings.log_level, settings.replica_id)
-    provider = setup_tracing(name, traces_file=settings.traces_file, replica_id=settings.replica_id)
+    provider = setup_tracing(
+        name, traces_file=settings.traces_file, replica_id=settings.replica_id, otlp_endpoint=settings.otlp_endpoint
+    )
     rt = Runtime.create(name, settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

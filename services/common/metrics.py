@@ -19,6 +19,14 @@ ERRORS = Counter("loom_errors_total", "Errors raised while handling work, by cod
 DEADLINE_DROPS = Counter(
     "loom_deadline_drops_total", "Work dropped because its deadline had passed.", ["service", "stage"]
 )
+SLOW_CONSUMER_DROPS = Counter(
+    "loom_nats_slow_consumer_drops_total",
+    "Messages the NATS client dropped because a subscription's queue was full.",
+    ["service", "subject"],
+)
+TELEMETRY_DROPPED = Counter(
+    "loom_telemetry_dropped_total", "Telemetry events dropped because the send queue was full.", ["service"]
+)
 INFLIGHT = Gauge("loom_inflight", "Messages or requests being handled now.", ["service"])
 READY = Gauge("loom_ready", "1 when the service is ready to take work.", ["service"])
 

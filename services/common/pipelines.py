@@ -62,6 +62,17 @@ class FusionSpec(BaseModel):
     top_k: int = Field(3, ge=1, le=100)
 
 
+class SloSpec(BaseModel):
+    """The pipeline's service-level objectives, as the monitor checks them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: 95 % of answers within this many milliseconds (end to end at the gateway).
+    latency_p95_ms: float = Field(500.0, gt=0)
+    #: Share of requests answered without a server-side error (degraded answers count as errors).
+    success: float = Field(0.999, gt=0.0, lt=1.0)
+
+
 class PipelineSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -71,6 +82,7 @@ class PipelineSpec(BaseModel):
     #: Default deadline of this pipeline; None means the gateway's default.
     deadline_ms: int | None = Field(None, gt=0, le=600_000)
     fusion: FusionSpec = FusionSpec()
+    slo: SloSpec = SloSpec()
 
     @field_validator("inputs")
     @classmethod

@@ -33,8 +33,16 @@ class CommonSettings(BaseSettings):
         description="Append finished spans as JSON lines to this file (used by tests; "
         "OTEL_EXPORTER_OTLP_ENDPOINT sends OTLP instead).",
     )
+    otlp_endpoint: str = Field(
+        "http://127.0.0.1:50056",
+        description="OTLP/gRPC endpoint for spans when OTEL_EXPORTER_OTLP_ENDPOINT is not set: the Loom monitor. "
+        "Empty: no OTLP export.",
+    )
     drain_grace_s: float = Field(10.0, description="On SIGTERM, how long in-flight work may take to finish.")
     max_inflight: int = Field(256, description="Messages one subscription handles concurrently.")
+    telemetry_queue: int = Field(
+        10_000, description="Telemetry events waiting to be sent; beyond it they are dropped and counted."
+    )
     fusion_partitions: int = Field(
         4, description="Number of fusion partitions (loom.fuse.<n>); the same value on every service."
     )

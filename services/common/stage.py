@@ -34,9 +34,18 @@ class StageRunner:
     """Binds one subject to one handler for one service."""
 
     def __init__(
-        self, bus: Bus, service: str, subject: str, handler: Handler, *, claims: ClaimCheck | None = None
+        self,
+        bus: Bus,
+        service: str,
+        subject: str,
+        handler: Handler,
+        *,
+        claims: ClaimCheck | None = None,
+        carry_stats: bool = False,
     ) -> None:
         self.bus = bus
+        #: Also leave the handler's statistics on the part (``Part.features``) for a later stage.
+        self.carry_stats = carry_stats
         #: Fetches claim-checked bytes before the handler, parks large ones before publishing.
         self.claims = claims
         self.service = service
@@ -63,6 +72,9 @@ class StageRunner:
             return
         envelope.pop_step(part, self.subject)
         stats, code, elapsed_ms = await self._run(part)
+        if self.carry_stats and stats:
+            part.features.clear()
+            part.features.update(stats)
         envelope.add_timing(part, self.service, elapsed_ms)
         metrics.STAGE_DURATION.labels(
             self.service, self.subject, part.pipeline, part.model, part.model_version

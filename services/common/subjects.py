@@ -41,6 +41,19 @@ def telemetry(service: str) -> str:
     return f"{PREFIX}.tel.{service}"
 
 
+def feedback(pipeline: str) -> str:
+    """Ground truth for a pipeline's answers (``loom.v1.Feedback``), e.g. ``loom.fb.content``."""
+    return f"{PREFIX}.fb.{pipeline}"
+
+
+FEEDBACK_ALL = f"{PREFIX}.fb.*"
+
+
+def alert(severity: str) -> str:
+    """Where the monitor announces alerts of one severity, e.g. ``loom.alert.p1``."""
+    return f"{PREFIX}.alert.{severity.lower()}"
+
+
 def last_token(subject: str) -> str:
     """``loom.infer.minilm`` -> ``minilm``."""
     return subject.rsplit(".", 1)[-1]

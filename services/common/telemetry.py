@@ -1,8 +1,9 @@
 """Tracing and logging set-up, and W3C trace-context propagation helpers.
 
-Spans go to OTLP when ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set (the standard
-variable, so a real collector needs nothing else), and/or to a JSON-lines file
-when ``LOOM_TRACES_FILE`` is set, which is what the tests read.
+Spans go over OTLP/gRPC to ``OTEL_EXPORTER_OTLP_ENDPOINT`` when it is set (the
+standard variable, so a real collector needs nothing else), otherwise to the
+Loom monitor at ``LOOM_OTLP_ENDPOINT`` (empty: no OTLP), and/or to a JSON-lines
+file when ``LOOM_TRACES_FILE`` is set.
 """
 
 from __future__ import annotations
@@ -59,7 +60,9 @@ def span_to_dict(span: ReadableSpan) -> dict[str, Any]:
     }
 
 
-def setup_tracing(service: str, *, traces_file: str = "", replica_id: str = "") -> TracerProvider:
+def setup_tracing(
+    service: str, *, traces_file: str = "", replica_id: str = "", otlp_endpoint: str = ""
+) -> TracerProvider:
     """Install a global tracer provider for ``service`` and return it."""
     attrs: dict[str, Any] = {"service.name": service, "service.namespace": "loom"}
     attrs["service.instance.id"] = replica_id or f"{service}-{os.getpid()}"
@@ -68,6 +71,11 @@ def setup_tracing(service: str, *, traces_file: str = "", replica_id: str = "") 
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    elif otlp_endpoint:
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        exporter = OTLPSpanExporter(endpoint=otlp_endpoint, insecure=otlp_endpoint.startswith("http://"), timeout=5)
+        provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=500))
     if traces_file:
         provider.add_span_processor(BatchSpanProcessor(JsonLinesSpanExporter(traces_file), schedule_delay_millis=200))
     trace.set_tracer_provider(provider)

@@ -24,7 +24,7 @@ from services.common.claims import ClaimCheck
 from services.common.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, as_loom_error, from_proto
 from services.common.events import TelemetryPublisher
 from services.common.pb.loom.v1 import envelope_pb2 as pb
-from services.common.pb.loom.v1 import fusion_pb2, gateway_pb2
+from services.common.pb.loom.v1 import fusion_pb2, gateway_pb2, monitor_pb2
 from services.common.pipelines import PipelineRegistry, PipelineSpec
 from services.common.telemetry import current_trace_id
 from services.gateway.settings import GatewaySettings
@@ -128,19 +128,37 @@ class GatewayCore:
     async def predict(self, call: PredictCall) -> gateway_pb2.PredictResponse:
         """Run ``call`` end to end; raises a LoomError on failure."""
         started = time.perf_counter()
-        code, request_id = "OK", call.request_id
+        code, response = "OK", None
         try:
             response = await self._predict(call)
-            request_id = response.request_id
             return response
         except Exception as exc:
             code = str(as_loom_error(exc).code)
             raise
         finally:
             elapsed_ms = (time.perf_counter() - started) * 1000.0
+            await self._report(call, response, elapsed_ms, code)
+
+    async def _report(
+        self, call: PredictCall, response: gateway_pb2.PredictResponse | None, elapsed_ms: float, code: str
+    ) -> None:
+        """One telemetry event per answer: the monitor's SLOs, and its join with feedback."""
+        if response is None:
             await self.telemetry.emit(
-                "gateway", pipeline=call.pipeline, request_id=request_id, duration_ms=elapsed_ms, code=code
+                "gateway", pipeline=call.pipeline, request_id=call.request_id, duration_ms=elapsed_ms, code=code
             )
+            return
+        model, version = answer_models(response)
+        await self.telemetry.emit(
+            "gateway",
+            pipeline=response.pipeline or call.pipeline,
+            request_id=response.request_id,
+            duration_ms=elapsed_ms,
+            code="DEGRADED" if response.degraded and code == "OK" else code,
+            outcome=top_label(response),
+            model=model,
+            model_version=version,
+        )
 
     async def _predict(self, call: PredictCall) -> gateway_pb2.PredictResponse:
         spec, timeout_ms = self.validate(call)
@@ -240,7 +258,61 @@ class GatewayCore:
         answer.request_id = request_id or route_id
         return answer
 
+    async def feedback(self, doc: object) -> monitor_pb2.Feedback:
+        """Check ground truth for an answer and publish it on ``loom.fb.<pipeline>`` for the monitor."""
+        if not isinstance(doc, dict):
+            raise InvalidArgument("feedback must be a JSON object")
+        pipeline, request_id = doc.get("pipeline"), doc.get("request_id")
+        label, correct = doc.get("label"), doc.get("correct")
+        if not isinstance(pipeline, str) or not pipeline:
+            raise InvalidArgument("feedback needs 'pipeline'")
+        self.pipelines.get(pipeline)  # NOT_FOUND for an unknown pipeline
+        if not isinstance(request_id, str) or not request_id:
+            raise InvalidArgument("feedback needs 'request_id', the id of the answer it is about")
+        if label is not None and (not isinstance(label, str) or not label):
+            raise InvalidArgument("'label' must be a non-empty string")
+        if correct is not None and not isinstance(correct, bool):
+            raise InvalidArgument("'correct' must be true or false")
+        if label is None and correct is None:
+            raise InvalidArgument("feedback needs 'label' (the true label) or 'correct' (true/false)")
+        fb = monitor_pb2.Feedback(
+            pipeline=pipeline,
+            request_id=request_id,
+            label=label or "",
+            source=str(doc.get("source") or ""),
+            timestamp_unix_ms=envelope.now_ms(),
+        )
+        if correct is not None:
+            fb.correct = correct
+        await self.bus.publish(subjects.feedback(pipeline), fb.SerializeToString())
+        return fb
+
     async def model_query(self, op: str, model: str, *, timeout_s: float = 5.0) -> bytes:
         """Ask the inference service about a model (``metadata``, ``ready``, ``list``); raw reply bytes."""
         reply = await self.bus.request(subjects.model_query(op), model.encode(), timeout=timeout_s)
         return bytes(reply.data)
+
+
+def answer_models(response: gateway_pb2.PredictResponse) -> tuple[str, str]:
+    """The models behind an answer and their versions, e.g. ("minilm", "1") or ("minilm+ocr", "1+2")."""
+    served: dict[str, str] = {}
+    for out in response.outputs.values():
+        kind = out.WhichOneof("kind")
+        if kind is not None:
+            inner = getattr(out, kind)
+            if inner.model:
+                served.setdefault(inner.model, inner.model_version)
+    names = sorted(served)
+    return "+".join(names), "+".join(served[n] for n in names)
+
+
+def top_label(response: gateway_pb2.PredictResponse) -> str:
+    """The answer's best label: the fused topics, else the first output's own labels."""
+    if response.topics:
+        return response.topics[0].label
+    for name in sorted(response.outputs):
+        out = response.outputs[name]
+        labels = out.text.labels if out.HasField("text") else out.image.topics if out.HasField("image") else []
+        if labels:
+            return labels[0].label
+    return ""

@@ -41,6 +41,7 @@ class GatewayHttp:
         app.router.add_get("/v1/pipelines", self.list_pipelines)
         app.router.add_get("/v1/pipelines/{pipeline}", self.get_pipeline)
         app.router.add_put("/v1/pipelines/{pipeline}", self.put_pipeline)
+        app.router.add_post("/v1/feedback", self.feedback)
         app.router.add_get("/openapi.yaml", self.openapi)
 
     def _too_large(self, size: int | None = None) -> ResourceExhausted:
@@ -110,6 +111,19 @@ class GatewayHttp:
         except Exception as exc:
             return error_response(exc)
         return web.json_response({"pipeline": spec.name, "revision": revision, "spec": spec.model_dump(mode="json")})
+
+    async def feedback(self, request: web.Request) -> web.Response:
+        """Ground truth for an answer (``request_id``); the monitor joins it for accuracy."""
+        try:
+            raw = await self._read(request)
+            try:
+                doc = json.loads(raw)
+            except (ValueError, UnicodeDecodeError):
+                raise InvalidArgument("the body is not valid JSON") from None
+            fb = await self.core.feedback(doc)
+        except Exception as exc:
+            return error_response(exc)
+        return web.json_response({"accepted": True, "pipeline": fb.pipeline, "request_id": fb.request_id}, status=202)
 
     async def openapi(self, _: web.Request) -> web.Response:
         return web.Response(text=OPENAPI.read_text(), content_type="application/yaml")

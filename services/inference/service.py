@@ -122,7 +122,10 @@ class Inference(Service):
             for name, tensor in lookup.value.tensors.items():
                 part.tensors[name].CopyFrom(tensor)
             part.model, part.model_version = model, lookup.value.model_version
-            return {}
+            # The input's statistics, now with the version that served it (input drift), once.
+            features = dict(part.features)
+            part.ClearField("features")
+            return features
 
         return handle
 

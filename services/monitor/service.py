@@ -1,20 +1,46 @@
-"""The monitor service: ``loom.tel.>`` -> /metrics and /v1/stats."""
+"""The monitor service: telemetry, feedback and spans in; signals, alerts and a dashboard out.
+
+Inputs: ``loom.tel.>`` (every stage's events, a bounded queue), ``loom.fb.*``
+(ground truth), OTLP spans (gRPC on the monitor's gRPC port, HTTP at
+/v1/traces), Triton's repository index and metrics. Every
+``eval_interval_s`` it recomputes drift, accuracy and SLOs, evaluates the
+alert rules and announces what changed.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import logging
-from typing import ClassVar
+from typing import Any, ClassVar
 
+import aiohttp
+import grpc
 from aiohttp import web
 from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
-from prometheus_client import Counter, Histogram
+from opentelemetry import trace
+from prometheus_client import REGISTRY, Counter, Histogram
 
 from services.common import metrics, subjects
+from services.common.envelope import now_ms
 from services.common.lifecycle import Runtime, Service
 from services.common.pb.loom.v1 import envelope_pb2 as pb
+from services.common.pb.loom.v1 import monitor_pb2
+from services.common.pipelines import SloSpec
+from services.common.telemetry import extract
+from services.monitor import gauges, rules
+from services.monitor.accuracy import AccuracyBook, AnswerBook
+from services.monitor.alerts import AlertBook
+from services.monitor.drift import DriftBook
+from services.monitor.notify import Notifier
+from services.monitor.otlp_receiver import TraceReceiver
+from services.monitor.series import SloBook, SloWindows
 from services.monitor.settings import MonitorSettings
-from services.monitor.stats import StatsBook
+from services.monitor.stats import ModelTraffic, StatsBook
+from services.monitor.traces import TraceStore
+from services.monitor.triton_watch import TritonWatch
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +55,8 @@ STAGE_LATENCY = Histogram(
     ["service", "stage", "pipeline"],
     buckets=metrics.LATENCY_BUCKETS,
 )
+FEEDBACK = Counter("loom_feedback_total", "Ground-truth feedback received, by result.", ["pipeline", "result"])
+GATEWAY_STAGE = "gateway"
 
 
 class Monitor(Service):
@@ -36,24 +64,198 @@ class Monitor(Service):
 
     def __init__(self, settings: MonitorSettings) -> None:
         super().__init__(settings)
-        self.book = StatsBook(settings.window)
+        s = self.ms = settings
+        self.book = StatsBook(s.window)
+        self.traffic = ModelTraffic()
+        self.slo = SloBook(SloWindows(short_s=s.slo_short_s, long_s=s.slo_long_s))
+        self.drift = DriftBook(reference_size=s.drift_reference, window=s.drift_window, min_samples=s.drift_min_samples)
+        self.answers = AnswerBook(max_answers=s.answers)
+        self.accuracy = AccuracyBook(self.answers, window=s.accuracy_window, min_samples=s.accuracy_min_samples)
+        self.traces = TraceStore(max_traces=s.traces_max, max_spans_per_trace=s.spans_per_trace, max_spans=s.spans_max)
+        self.triton = TritonWatch(
+            s.triton_url, s.triton_metrics_url, expected={m.strip() for m in s.models.split(",") if m.strip()}
+        )
+        self.alerts = AlertBook()
+        self.thresholds = rules.Thresholds(
+            latency_p1_ms=s.latency_p1_ms,
+            drift_alert=s.drift_alert,
+            accuracy_drop_points=s.accuracy_drop_points,
+            burn_rate=s.burn_rate,
+            saturation=s.saturation,
+        )
+        self.drops = rules.DropWatch()
+        #: What the last evaluation computed (served by the API between evaluations).
+        self.latest: dict[str, Any] = {"drift": [], "accuracy": [], "pipelines": []}
+        self._tracer = trace.get_tracer("loom.monitor")
+        self._rt: Runtime | None = None
+        self._loop_task: asyncio.Task[None] | None = None
+        self._notifier: Notifier | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._telemetry_sub_dropped = 0.0
+        REGISTRY.register(self.triton)
 
+    # -- life cycle ---------------------------------------------------------
     async def start(self, rt: Runtime) -> None:
-        # No queue group: one monitor sees all telemetry.
-        await rt.bus.subscribe(subjects.TELEMETRY_ALL, self.on_event)
+        self._rt = rt
+        if self.ms.drift_baseline_file:
+            with open(self.ms.drift_baseline_file, encoding="utf-8") as fh:
+                self.drift.load(json.load(fh))
+            log.info("drift baselines loaded from %s", self.ms.drift_baseline_file)
+        # No queue group: one monitor sees all telemetry. The subscription's queue is the bounded buffer.
+        await rt.bus.subscribe(
+            subjects.TELEMETRY_ALL, self.on_event, pending_limit=self.ms.telemetry_buffer, inline=True
+        )
+        await rt.bus.subscribe(subjects.FEEDBACK_ALL, self.on_feedback)
+        self._notifier = Notifier(
+            rt.bus, self.ms.alert_webhook_url, generator_url=f"http://{self.ms.bind_host}:{self.ms.http_port}/"
+        )
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0))
+        self._loop_task = asyncio.create_task(self._evaluate_forever())
 
+    async def stop(self) -> None:
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+        if self._session is not None:
+            await self._session.close()
+        REGISTRY.unregister(self.triton)
+
+    def add_grpc(self, server: grpc.aio.Server) -> None:
+        TraceReceiver(self.traces).add_to_server(server)
+
+    def grpc_options(self) -> list[tuple[str, int]]:
+        return [("grpc.max_receive_message_length", 16 * 1024 * 1024)]
+
+    def http_client_max_size(self) -> int:
+        return 16 * 1024 * 1024
+
+    def add_http(self, app: web.Application) -> None:
+        from services.monitor.api import add_routes
+
+        add_routes(app, self)
+
+    # -- inputs -------------------------------------------------------------
     async def on_event(self, msg: Msg) -> None:
         try:
             event = pb.TelemetryEvent.FromString(msg.data)
         except DecodeError:
             log.warning("undecodable telemetry on %s", msg.subject)
             return
+        self.record(event, msg.headers)
+
+    def record(self, event: pb.TelemetryEvent, headers: dict[str, str] | None = None) -> None:
+        code = event.code or "OK"
+        t = now_ms()
         self.book.record(event)
-        EVENTS.labels(event.service, event.stage, event.pipeline, event.code or "OK").inc()
+        EVENTS.labels(event.service, event.stage, event.pipeline, code).inc()
         STAGE_LATENCY.labels(event.service, event.stage, event.pipeline).observe(event.duration_ms / 1000.0)
+        if event.stage == GATEWAY_STAGE:
+            self.slo.record(event.pipeline, event.duration_ms, code, t)
+            if code == "OK" and event.request_id:
+                self.answers.add(event.pipeline, event.request_id, event.model, event.model_version, event.outcome, t)
+            if headers:  # the monitor's hop in the request's trace
+                with self._tracer.start_as_current_span(
+                    "monitor record", context=extract(headers), attributes={"loom.pipeline": event.pipeline}
+                ):
+                    pass
+        elif code != "OK":
+            return
+        elif event.stage.startswith("loom.infer."):
+            self.traffic.record(event.model, event.model_version, event.duration_ms, t)
+            for feature, value in event.stats.items():
+                self.drift.record(event.pipeline, event.model, event.model_version, feature, value, "input", t)
+        elif event.stage.startswith("loom.post."):
+            for feature, value in event.stats.items():
+                self.drift.record(event.pipeline, event.model, event.model_version, feature, value, "output", t)
 
-    def add_http(self, app: web.Application) -> None:
-        async def stats(_: web.Request) -> web.Response:
-            return web.json_response(self.book.snapshot())
+    async def on_feedback(self, msg: Msg) -> None:
+        pipeline = subjects.last_token(msg.subject)
+        result = "invalid"
+        try:
+            fb = _parse_feedback(msg.data)
+            result = self.accuracy.feedback(
+                fb.pipeline or pipeline,
+                fb.request_id,
+                fb.label or None,
+                fb.correct if fb.HasField("correct") else None,
+                now_ms(),
+            )
+        except ValueError as exc:
+            log.info("invalid feedback on %s: %s", msg.subject, exc)
+        FEEDBACK.labels(pipeline, result).inc()
+        if msg.reply and self._rt is not None:
+            await self._rt.bus.respond(msg, json.dumps({"result": result}).encode())
 
-        app.router.add_get("/v1/stats", stats)
+    # -- evaluation ---------------------------------------------------------
+    async def _evaluate_forever(self) -> None:
+        while True:
+            try:
+                await self.evaluate()
+            except Exception:
+                log.exception("evaluation failed")
+            await asyncio.sleep(self.ms.eval_interval_s)
+
+    def slo_specs(self) -> dict[str, SloSpec]:
+        if self._rt is None:
+            return {}
+        return {name: self._rt.pipelines.get(name).slo for name in self._rt.pipelines.names()}
+
+    async def evaluate(self) -> None:
+        t = now_ms()
+        if self._session is not None:
+            await self.triton.poll(self._session, t)
+        specs = self.slo_specs()
+        self.latest = {
+            "drift": self.drift.evaluate(t),
+            "accuracy": self.accuracy.snapshot(),
+            "pipelines": self.slo.snapshot(specs, t),
+        }
+        gauges.update(self, t)
+        th = self.thresholds
+        conditions = [
+            *rules.model_unavailable(self.triton),
+            *rules.high_latency(self.slo, t, th),
+            *rules.slo_burn(self.slo, specs, t, th),
+            *rules.drift_high(self.latest["drift"], th),
+            *rules.accuracy_drop(self.latest["accuracy"], th),
+            *rules.saturation(self.triton, th),
+            *self.drops.conditions(gauges.dropped_totals(self), t, th),
+        ]
+        changed = self.alerts.evaluate(conditions, t)
+        if self._notifier is not None:
+            await self._notifier.send(changed, self.alerts.firing())
+
+    def telemetry_dropped(self) -> float:
+        """Telemetry events the NATS client dropped because the monitor's queue was full."""
+        total = 0.0
+        for metric in metrics.SLOW_CONSUMER_DROPS.collect():
+            for sample in metric.samples:
+                if sample.name.endswith("_total") and sample.labels.get("subject") == subjects.TELEMETRY_ALL:
+                    total += sample.value
+        return total
+
+
+def _parse_feedback(data: bytes) -> monitor_pb2.Feedback:
+    """Feedback as protobuf (the contract) or, for hand-written publishers, JSON."""
+    if data[:1] == b"{":
+        try:
+            doc = json.loads(data)
+            fb = monitor_pb2.Feedback(
+                pipeline=str(doc.get("pipeline", "")),
+                request_id=str(doc.get("request_id", "")),
+                label=str(doc.get("label") or ""),
+                source=str(doc.get("source", "")),
+            )
+            if isinstance(doc.get("correct"), bool):
+                fb.correct = doc["correct"]
+        except (ValueError, AttributeError) as exc:
+            raise ValueError(f"feedback is neither protobuf nor a JSON object: {exc}") from None
+    else:
+        try:
+            fb = monitor_pb2.Feedback.FromString(data)
+        except DecodeError:
+            raise ValueError("undecodable feedback") from None
+    if not fb.request_id:
+        raise ValueError("feedback needs a request_id")
+    return fb

@@ -1,11 +1,54 @@
 from __future__ import annotations
 
+from typing import Any
+
 from services.common.settings import CommonSettings, service_field
+
+
+def _f(name: str, default: Any, description: str) -> Any:
+    return service_field("monitor", name, default, description)
 
 
 class MonitorSettings(CommonSettings):
     """Monitor settings (``LOOM_MONITOR_*``)."""
 
-    grpc_port: int = service_field("monitor", "grpc_port", 50056, "gRPC port (health).")
-    http_port: int = service_field("monitor", "http_port", 8090, "HTTP port: /v1/stats JSON, /metrics, /healthz.")
-    window: int = service_field("monitor", "window", 2048, "Latency samples kept per stage for percentiles.")
+    grpc_port: int = service_field("monitor", "grpc_port", 50056, "gRPC port: health and the OTLP trace receiver.")
+    http_port: int = service_field(
+        "monitor", "http_port", 8090, "HTTP port: dashboard, JSON API, OTLP/HTTP /v1/traces, /metrics."
+    )
+    window: int = _f("window", 2048, "Latency samples kept per stage for percentiles.")
+    eval_interval_s: float = _f("eval_interval_s", 5.0, "How often signals and alert rules are evaluated.")
+    triton_url: str = _f("triton_url", "127.0.0.1:8000", "Triton's HTTP endpoint (readiness, repository index).")
+    triton_metrics_url: str = _f(
+        "triton_metrics_url", "http://127.0.0.1:8002/metrics", "Triton's Prometheus endpoint, re-exposed here."
+    )
+    models: str = _f("models", "minilm,ocr,vad", "Models that must always serve (P1 alert when not READY).")
+    telemetry_buffer: int = _f(
+        "telemetry_buffer", 10_000, "Telemetry events queued for the monitor; beyond it they are dropped and counted."
+    )
+    drift_reference: int = _f("drift_reference", 1000, "Values per feature captured as the drift baseline.")
+    drift_window: int = _f("drift_window", 1000, "Recent values per feature compared with the baseline (PSI).")
+    drift_min_samples: int = _f("drift_min_samples", 100, "Fewest recent values for a PSI.")
+    drift_baseline_file: str = _f("drift_baseline_file", "", "Load drift baselines from this JSON file at start.")
+    accuracy_window: int = _f("accuracy_window", 200, "Recent feedback per model version for accuracy.")
+    accuracy_min_samples: int = _f("accuracy_min_samples", 20, "Fewest feedback samples for an accuracy alert.")
+    answers: int = _f("answers", 50_000, "Answers remembered for joining feedback by request_id.")
+    traces_max: int = _f("traces_max", 2000, "Traces kept (least recently updated evicted first).")
+    spans_max: int = _f("spans_max", 100_000, "Spans kept over all traces.")
+    spans_per_trace: int = _f("spans_per_trace", 512, "Spans kept per trace.")
+    slo_short_s: int = _f("slo_short_s", 300, "Short burn-rate window.")
+    slo_long_s: int = _f("slo_long_s", 3600, "Long burn-rate window.")
+    latency_p1_ms: float = _f("latency_p1_ms", 3000.0, "P1 when a pipeline's p95 over 60 s exceeds this.")
+    drift_alert: float = _f("drift_alert", 0.2, "P2 when a feature's PSI exceeds this.")
+    accuracy_drop_points: float = _f("accuracy_drop_points", 5.0, "P2 when accuracy drops more points than this.")
+    burn_rate: float = _f("burn_rate", 14.4, "Warning when both burn-rate windows exceed this.")
+    saturation: float = _f("saturation", 0.8, "Warning when CPU/GPU utilisation stays above this for 5 min.")
+    alert_webhook_url: str = _f(
+        "alert_webhook_url",
+        "",
+        "POST fired/resolved alerts here (Alertmanager webhook format; a URL ending in "
+        "/api/v2/alerts gets Alertmanager's API format).",
+    )
+    memory_limit_mb: int = _f(
+        "memory_limit_mb", 512, "The memory the monitor is sized for with the buffer limits above (documented bound)."
+    )

@@ -53,7 +53,8 @@ class Preprocess(Service):
             ("image", self.handle_image),
             ("audio", self.handle_audio),
         ):
-            await StageRunner(rt.bus, self.name, subjects.pre(modality), handler, claims=rt.claims).start()
+            runner = StageRunner(rt.bus, self.name, subjects.pre(modality), handler, claims=rt.claims, carry_stats=True)
+            await runner.start()
 
     async def handle_text(self, part: pb.Part) -> Stats:
         assert self.tokenizer is not None

@@ -95,7 +95,8 @@ def test_one_request_is_one_trace_across_all_six_processes(mesh: Mesh) -> None:
     def spans_of_trace() -> list[dict]:
         spans = [s for s in read_spans(mesh.workdir / "traces") if s["trace_id"] == trace_id]
         assert {s["service"] for s in spans} >= set(SERVICES), {s["service"] for s in spans}
-        assert any(s["service"] == "monitor" and s["name"] == "process loom.tel.fusion" for s in spans)
+        # The monitor's hop: it records the gateway's telemetry for the answer, inside the trace.
+        assert any(s["service"] == "monitor" and s["name"] == "monitor record" for s in spans)
         return spans
 
     spans = eventually(spans_of_trace, timeout=15)

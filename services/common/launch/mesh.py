@@ -70,6 +70,9 @@ class Mesh:
     #: Write each process's spans to ``workdir/traces/<service>-<replica>.jsonl``.
     traces: bool = False
     env: dict[str, str] = field(default_factory=dict)
+    #: Triton's own OpenTelemetry spans to the monitor (LOOM_TRITON_TRACES=1). Off by default:
+    #: Triton 2.51 can crash (SIGSEGV) under concurrent traced requests (triton-inference-server/server#7795).
+    triton_traces: bool = field(default_factory=lambda: os.environ.get("LOOM_TRITON_TRACES", "") == "1")
     nats: NatsServer | None = None
     triton: TritonServer | None = None
     services: dict[str, ManagedProcess] = field(default_factory=dict)
@@ -107,6 +110,9 @@ class Mesh:
         env["LOOM_NATS_URL"] = self.nats_url
         env["LOOM_INFERENCE_TRITON_URL"] = self.triton_grpc
         env["LOOM_REPLICA_ID"] = replica
+        env["LOOM_OTLP_ENDPOINT"] = f"http://127.0.0.1:{self.ports['monitor_grpc']}"
+        env["LOOM_MONITOR_TRITON_URL"] = f"127.0.0.1:{self.ports['triton_http']}"
+        env["LOOM_MONITOR_TRITON_METRICS_URL"] = f"http://127.0.0.1:{self.ports['triton_metrics']}/metrics"
         for svc in SERVICES:
             env[f"LOOM_{svc.upper()}_GRPC_PORT"] = str(self.ports[f"{svc}_grpc"])
             env[f"LOOM_{svc.upper()}_HTTP_PORT"] = str(self.ports[f"{svc}_http"])
@@ -166,6 +172,9 @@ class Mesh:
             metrics_port=self.ports["triton_metrics"],
             workdir=self.workdir / "triton",
             log_file=self.workdir / "logs" / "tritonserver.log",
+            # Triton's own spans (OTLP/HTTP JSON) join the request traces at the monitor.
+            trace_otlp_url=f"127.0.0.1:{self.ports['monitor_http']}/v1/traces" if self.triton_traces else None,
+            trace_service_name="triton",
         )
         self.triton.start()
         self.triton.wait_ready(timeout)
@@ -192,8 +201,10 @@ class Mesh:
 
     def stop(self, *, remove_workdir: bool = True) -> None:
         """Stop every process (entry first), then delete the work folder unless asked to keep it."""
-        # Entry first, so nothing new comes in while the rest drains.
-        for replica in sorted(self.services, key=lambda r: r.split("-")[0] != "gateway"):
+        # Entry first, so nothing new comes in while the rest drains; the monitor last, so it
+        # still takes the others' final spans.
+        order = {"gateway": 0, "monitor": 2}
+        for replica in sorted(self.services, key=lambda r: order.get(r.split("-")[0], 1)):
             self.services[replica].stop(timeout=15)
         self.services.clear()
         if self.triton is not None:

@@ -445,6 +445,26 @@ class Part(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class FeaturesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     PART_ID_FIELD_NUMBER: _builtins.int
     PIPELINE_FIELD_NUMBER: _builtins.int
@@ -467,6 +487,7 @@ class Part(_message.Message):
     LABEL_SCORES_FIELD_NUMBER: _builtins.int
     NOTES_FIELD_NUMBER: _builtins.int
     CONTEXT_FIELD_NUMBER: _builtins.int
+    FEATURES_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     part_id: _builtins.str
     """the input's name, e.g. "text" """
@@ -524,6 +545,13 @@ class Part(_message.Message):
         (e.g. the factor preprocess scaled an image by, for OCR boxes).
         """
 
+    @_builtins.property
+    def features(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """The input's statistics from preprocessing (tokens, brightness, ...). The
+        inference stage reports them with the model version that served the input
+        (the monitor's input drift), then clears them.
+        """
+
     def __init__(
         self,
         *,
@@ -549,10 +577,11 @@ class Part(_message.Message):
         label_scores: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         notes: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         context: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        features: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["blob", b"blob", "error", b"error", "output", b"output"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["blob", b"blob", "bypass_cache", b"bypass_cache", "content_type", b"content_type", "context", b"context", "data", b"data", "deadline_unix_ms", b"deadline_unix_ms", "error", b"error", "label_scores", b"label_scores", "modality", b"modality", "model", b"model", "model_version", b"model_version", "notes", b"notes", "output", b"output", "part_id", b"part_id", "part_ids", b"part_ids", "pipeline", b"pipeline", "reply_to", b"reply_to", "request_id", b"request_id", "slip", b"slip", "tensors", b"tensors", "text", b"text", "timings_ms", b"timings_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blob", b"blob", "bypass_cache", b"bypass_cache", "content_type", b"content_type", "context", b"context", "data", b"data", "deadline_unix_ms", b"deadline_unix_ms", "error", b"error", "features", b"features", "label_scores", b"label_scores", "modality", b"modality", "model", b"model", "model_version", b"model_version", "notes", b"notes", "output", b"output", "part_id", b"part_id", "part_ids", b"part_ids", "pipeline", b"pipeline", "reply_to", b"reply_to", "request_id", b"request_id", "slip", b"slip", "tensors", b"tensors", "text", b"text", "timings_ms", b"timings_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -641,6 +670,7 @@ class TelemetryEvent(_message.Message):
     CODE_FIELD_NUMBER: _builtins.int
     TIMESTAMP_UNIX_MS_FIELD_NUMBER: _builtins.int
     STATS_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
     service: _builtins.str
     stage: _builtins.str
     """the subject handled, e.g. "loom.pre.text" """
@@ -653,6 +683,8 @@ class TelemetryEvent(_message.Message):
     code: _builtins.str
     """"OK" or an error code"""
     timestamp_unix_ms: _builtins.int
+    outcome: _builtins.str
+    """The answer's top label (gateway events), joined with feedback for accuracy."""
     @_builtins.property
     def stats(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
         """Input statistics (lengths, ...) for drift monitoring."""
@@ -671,10 +703,11 @@ class TelemetryEvent(_message.Message):
         code: _builtins.str = ...,
         timestamp_unix_ms: _builtins.int = ...,
         stats: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        outcome: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "duration_ms", b"duration_ms", "model", b"model", "model_version", b"model_version", "part_id", b"part_id", "pipeline", b"pipeline", "request_id", b"request_id", "service", b"service", "stage", b"stage", "stats", b"stats", "timestamp_unix_ms", b"timestamp_unix_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "duration_ms", b"duration_ms", "model", b"model", "model_version", b"model_version", "outcome", b"outcome", "part_id", b"part_id", "pipeline", b"pipeline", "request_id", b"request_id", "service", b"service", "stage", b"stage", "stats", b"stats", "timestamp_unix_ms", b"timestamp_unix_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,147 @@
+"""The monitor's HTTP side: the dashboard page, its JSON API and the OTLP/HTTP receiver."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from services.common.envelope import now_ms
+from services.monitor.otlp_receiver import make_http_handler
+
+if TYPE_CHECKING:
+    from services.monitor.service import Monitor
+
+STATIC = Path(__file__).resolve().parent / "static"
+
+
+def _error(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": {"code": code, "message": message}}, status=status)
+
+
+def models_view(m: Monitor, t: int) -> dict[str, Any]:
+    traffic: dict[tuple[Any, Any], dict[str, Any]] = {
+        (r["model"], r["version"]): r for r in m.traffic.snapshot(t, m.ms.slo_short_s)
+    }
+    ready = {(s.model, s.version): s.ready for s in m.triton.models}
+    rows = []
+    for key in sorted(set(traffic) | set(ready)):
+        model, version = key
+        row = traffic.get(key) or {"model": model, "version": version, "requests": 0, "share": 0.0}
+        per = m.triton.per_request_us.get(key, {})
+        rows.append(
+            {
+                "p50_ms": None,
+                "p95_ms": None,
+                **row,
+                "ready": ready.get(key),
+                "queue_us_per_request": _r(per.get("queue")),
+                "compute_us_per_request": _r(per.get("compute")),
+                "rollout": None,
+            }
+        )
+    return {"triton": m.triton.snapshot(), "versions": rows}
+
+
+def _r(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
+
+
+def dashboard(m: Monitor) -> dict[str, Any]:
+    t = now_ms()
+    stages = [
+        {k: s[k] for k in ("pipeline", "service", "stage", "count", "errors", "mean_ms", "p50_ms", "p95_ms", "p99_ms")}
+        for s in m.book.rows()
+    ]
+    return {
+        "generated_unix_ms": t,
+        "pipelines": m.slo.snapshot(m.slo_specs(), t),
+        "stages": stages,
+        "models": models_view(m, t),
+        "drift": m.latest["drift"],
+        "accuracy": m.latest["accuracy"],
+        "alerts": [a.to_dict() for a in m.alerts.firing()],
+        "traces": m.traces.recent(limit=20),
+    }
+
+
+def add_routes(app: web.Application, m: Monitor) -> None:
+    async def index(_: web.Request) -> web.FileResponse:
+        return web.FileResponse(STATIC / "index.html")
+
+    async def get_dashboard(_: web.Request) -> web.Response:
+        return web.json_response(dashboard(m))
+
+    async def get_stats(_: web.Request) -> web.Response:
+        return web.json_response(m.book.snapshot())
+
+    async def get_alerts(request: web.Request) -> web.Response:
+        state = request.query.get("state", "active")
+        if state not in ("active", "all"):
+            return _error(400, "INVALID_ARGUMENT", "state must be 'active' or 'all'")
+        alerts = m.alerts.firing() if state == "active" else m.alerts.all()
+        return web.json_response({"alerts": [a.to_dict() for a in alerts]})
+
+    async def list_traces(request: web.Request) -> web.Response:
+        try:
+            limit = int(request.query.get("limit", "20"))
+        except ValueError:
+            return _error(400, "INVALID_ARGUMENT", "limit must be an integer")
+        return web.json_response({"traces": m.traces.recent(limit=max(1, min(limit, 500)))})
+
+    async def get_trace(request: web.Request) -> web.Response:
+        ident = request.match_info["id"]
+        found = m.traces.get(ident)
+        if found is None:
+            return _error(404, "NOT_FOUND", f"no trace {ident!r} (by trace id or request id) in the monitor's store")
+        return web.json_response(found)
+
+    async def get_drift(_: web.Request) -> web.Response:
+        return web.json_response({"features": m.latest["drift"]})
+
+    async def get_baseline(_: web.Request) -> web.Response:
+        return web.json_response(m.drift.dump())
+
+    async def post_baseline(request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+        except ValueError:
+            return _error(400, "INVALID_ARGUMENT", "the body must be JSON")
+        action = body.get("action") if isinstance(body, dict) else None
+        if action == "capture":
+            pipeline = body.get("pipeline")
+            m.drift.capture(pipeline if isinstance(pipeline, str) and pipeline else None)
+            return web.json_response({"capturing": True, "pipeline": pipeline}, status=202)
+        if action == "load":
+            try:
+                m.drift.load(body.get("baseline"))
+            except (ValueError, TypeError, KeyError) as exc:
+                return _error(400, "INVALID_ARGUMENT", f"bad baseline: {exc}")
+            return web.json_response({"loaded": True})
+        return _error(400, "INVALID_ARGUMENT", "action must be 'capture' or 'load'")
+
+    async def get_accuracy(_: web.Request) -> web.Response:
+        return web.json_response({"accuracy": m.latest["accuracy"]})
+
+    async def get_slo(_: web.Request) -> web.Response:
+        return web.json_response({"pipelines": m.slo.snapshot(m.slo_specs(), now_ms())})
+
+    async def evaluate(_: web.Request) -> web.Response:
+        await m.evaluate()
+        return web.json_response({"evaluated_unix_ms": now_ms()})
+
+    app.router.add_get("/", index)
+    app.router.add_static("/static/", STATIC)
+    app.router.add_get("/v1/dashboard", get_dashboard)
+    app.router.add_get("/v1/stats", get_stats)
+    app.router.add_get("/v1/alerts", get_alerts)
+    app.router.add_get("/v1/traces", list_traces)
+    app.router.add_post("/v1/traces", make_http_handler(m.traces))
+    app.router.add_get("/v1/traces/{id}", get_trace)
+    app.router.add_get("/v1/drift", get_drift)
+    app.router.add_get("/v1/drift/baseline", get_baseline)
+    app.router.add_post("/v1/drift/baseline", post_baseline)
+    app.router.add_get("/v1/accuracy", get_accuracy)
+    app.router.add_get("/v1/slo", get_slo)
+    app.router.add_post("/v1/evaluate", evaluate)

@@ -1,0 +1,131 @@
+"""The monitor's computed signals as Prometheus gauges, refreshed on every evaluation."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import REGISTRY, Gauge
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from services.monitor.service import Monitor
+
+DRIFT_PSI = Gauge(
+    "loom_drift_psi",
+    "Population stability index of a feature vs its baseline.",
+    ["pipeline", "model", "version", "feature"],
+)
+ACCURACY = Gauge("loom_accuracy", "Accuracy over the recent feedback window.", ["pipeline", "model", "version"])
+PRECISION = Gauge(
+    "loom_precision", "Macro precision over the recent feedback window.", ["pipeline", "model", "version"]
+)
+RECALL = Gauge("loom_recall", "Macro recall over the recent feedback window.", ["pipeline", "model", "version"])
+ACCURACY_DROP = Gauge(
+    "loom_accuracy_drop_points",
+    "Reference accuracy minus recent accuracy, in points.",
+    ["pipeline", "model", "version"],
+)
+BURN = Gauge("loom_slo_burn_rate", "Error-budget burn rate.", ["pipeline", "slo", "window"])
+LATENCY = Gauge(
+    "loom_pipeline_latency_seconds", "End-to-end latency quantiles (short window).", ["pipeline", "quantile"]
+)
+BUFFER_ITEMS = Gauge("loom_monitor_buffer_items", "Items held in each of the monitor's buffers.", ["buffer"])
+BUFFER_LIMIT = Gauge("loom_monitor_buffer_limit", "The bound of each of the monitor's buffers.", ["buffer"])
+MEMORY_LIMIT = Gauge("loom_monitor_memory_limit_bytes", "The memory the monitor's buffer limits are sized for.")
+
+
+class _Dropped(Collector):
+    """Counters read live from the buffers' own tallies.
+
+    ``loom_monitor_dropped_total``: data lost because a bound was hit (a full
+    telemetry queue, spans over a trace's limit, keys over a table's limit).
+    ``loom_monitor_evicted_total``: the oldest traces and answers making room
+    for new ones, as a bounded store of recent things does by design.
+    """
+
+    def __init__(self) -> None:
+        self.monitor: Monitor | None = None
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        m = self.monitor
+        for name, doc, totals in (
+            ("loom_monitor_dropped", "Items the monitor dropped because a buffer was full.", dropped_totals),
+            ("loom_monitor_evicted", "Oldest items evicted from the monitor's bounded stores.", evicted_totals),
+        ):
+            family = CounterMetricFamily(name, doc, labels=["buffer"])
+            for buffer, total in sorted((totals(m) if m is not None else {}).items()):
+                family.add_metric([buffer], total)
+            yield family
+
+
+def _set(gauge: Gauge, rows: Sequence[tuple[tuple[Any, ...], Any]]) -> None:
+    """Replace every series of ``gauge`` (series that disappeared go away)."""
+    gauge.clear()
+    for labels, value in rows:
+        if value is not None:
+            gauge.labels(*labels).set(value)
+
+
+def dropped_totals(m: Monitor) -> dict[str, float]:
+    return {
+        "telemetry": m.telemetry_dropped(),
+        "spans": float(m.traces.dropped_spans),
+        "drift_keys": float(m.drift.dropped),
+        "accuracy_keys": float(m.accuracy.dropped),
+        "stages": float(m.book.dropped + m.traffic.dropped + m.slo.dropped),
+    }
+
+
+def evicted_totals(m: Monitor) -> dict[str, float]:
+    return {"traces": float(m.traces.evicted_traces), "answers": float(m.answers.dropped)}
+
+
+def update(m: Monitor, now_ms: int) -> None:
+    latest = m.latest
+    _set(
+        DRIFT_PSI,
+        [((d["pipeline"], d["model"], d["version"], d["feature"]), d["psi"]) for d in latest["drift"]],
+    )
+    for gauge, key in (
+        (ACCURACY, "accuracy"),
+        (PRECISION, "precision"),
+        (RECALL, "recall"),
+        (ACCURACY_DROP, "drop_points"),
+    ):
+        _set(gauge, [((a["pipeline"], a["model"], a["version"]), a[key]) for a in latest["accuracy"]])
+    burn, latency = [], []
+    for p in latest["pipelines"]:
+        for slo, windows in p["burn_rate"].items():
+            burn += [((p["pipeline"], slo, w), v) for w, v in windows.items()]
+        for q, key in (("0.5", "p50_ms"), ("0.95", "p95_ms"), ("0.99", "p99_ms")):
+            value = p[key]
+            latency.append(((p["pipeline"], q), None if value is None else value / 1000.0))
+    _set(BURN, burn)
+    _set(LATENCY, latency)
+    s = m.ms
+    for buffer, items, limit in (
+        ("telemetry", _pending(m), s.telemetry_buffer),
+        ("spans", m.traces.span_count, s.spans_max),
+        ("traces", len(m.traces), s.traces_max),
+        ("answers", len(m.answers), s.answers),
+        ("drift_values", m.drift.items(), None),
+        ("stage_samples", m.book.items(), None),
+    ):
+        BUFFER_ITEMS.labels(buffer).set(items)
+        if limit is not None:
+            BUFFER_LIMIT.labels(buffer).set(limit)
+    DROPPED.monitor = m
+    MEMORY_LIMIT.set(s.memory_limit_mb * 1024 * 1024)
+
+
+def _pending(m: Monitor) -> int:
+    rt = m._rt
+    if rt is None:
+        return 0
+    return sum(sub.pending_msgs for sub in rt.bus._subs)
+
+
+DROPPED = _Dropped()
+REGISTRY.register(DROPPED)
