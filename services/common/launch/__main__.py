@@ -21,7 +21,9 @@ Loom is ready ({len(SERVICES)} services, nats-server, tritonserver; logs in {mes
   gRPC   {mesh.gateway_grpc}  loom.v1.Gateway/Predict and inference.GRPCInferenceService (tritonclient.grpc)
   NATS   {mesh.nats_url}
   Triton grpc 127.0.0.1:{p["triton_grpc"]}  http 127.0.0.1:{p["triton_http"]}  metrics 127.0.0.1:{p["triton_metrics"]}
-  Monitor {mesh.monitor_http}/v1/stats   metrics: {mesh.gateway_http}/metrics and each service's /metrics
+  Monitor {mesh.monitor_http}/   the dashboard; JSON under /v1 (alerts, slo, drift, accuracy, traces)
+         metrics: {mesh.monitor_http}/metrics, {mesh.gateway_http}/metrics and each service's /metrics
+  CLI    .venv/bin/loomctl status | alerts | trace <request_id> | feedback <pipeline> <request_id> --label L
 
 Try:
   curl -s -X POST {mesh.gateway_http}/v1/pipelines/embed:predict \\
