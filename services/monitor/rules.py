@@ -27,7 +27,10 @@ class Thresholds:
     dropping_window_s: float = 300.0
 
 
-def model_unavailable(triton: TritonWatch) -> list[Condition]:
+def model_unavailable(triton: TritonWatch, starting: bool = False) -> list[Condition]:
+    """``starting``: the monitor is in its start-up grace and Triton has not answered yet (no alert)."""
+    if starting and not triton.seen_up:
+        return []
     down = {model: (version, why) for model, version, why in triton.unavailable()}
     return [
         condition(

@@ -91,7 +91,7 @@ class Monitor(Service):
         self._loop_task: asyncio.Task[None] | None = None
         self._notifier: Notifier | None = None
         self._session: aiohttp.ClientSession | None = None
-        self._telemetry_sub_dropped = 0.0
+        self._started_ms = now_ms()
         REGISTRY.register(self.triton)
 
     # -- life cycle ---------------------------------------------------------
@@ -214,7 +214,7 @@ class Monitor(Service):
         gauges.update(self, t)
         th = self.thresholds
         conditions = [
-            *rules.model_unavailable(self.triton),
+            *rules.model_unavailable(self.triton, starting=t - self._started_ms < self.ms.triton_grace_s * 1000),
             *rules.high_latency(self.slo, t, th),
             *rules.slo_burn(self.slo, specs, t, th),
             *rules.drift_high(self.latest["drift"], th),

@@ -22,6 +22,9 @@ class MonitorSettings(CommonSettings):
     triton_metrics_url: str = _f(
         "triton_metrics_url", "http://127.0.0.1:8002/metrics", "Triton's Prometheus endpoint, re-exposed here."
     )
+    triton_grace_s: float = _f(
+        "triton_grace_s", 120.0, "After the monitor starts, how long Triton may take to come up before P1 alerts."
+    )
     models: str = _f("models", "minilm,ocr,vad", "Models that must always serve (P1 alert when not READY).")
     telemetry_buffer: int = _f(
         "telemetry_buffer", 10_000, "Telemetry events queued for the monitor; beyond it they are dropped and counted."

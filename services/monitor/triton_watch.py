@@ -54,6 +54,8 @@ class TritonWatch(Collector):
     #: Model names that should always have a READY version (besides every one seen READY).
     expected: set[str] = field(default_factory=set)
     up: bool = False
+    #: Whether Triton has answered since the monitor started (before that, an outage may be a slow start).
+    seen_up: bool = False
     scraped_unix_ms: int | None = None
     models: list[ModelState] = field(default_factory=list)
     families: list[Metric] = field(default_factory=list)
@@ -78,7 +80,7 @@ class TritonWatch(Collector):
             self.up = False
             self.models = [ModelState(m, self.last_version.get(m, ""), False, "Triton unreachable") for m in self.names]
             return
-        self.up = True
+        self.up = self.seen_up = True
         self.scraped_unix_ms = now_ms
         self.models = [
             ModelState(str(m.get("name")), str(m.get("version", "")), m.get("state") == "READY", m.get("reason", ""))

@@ -153,3 +153,12 @@ def test_webhook_bodies_follow_alertmanager() -> None:
     assert item["startsAt"].startswith("2023-11-14T22:13:20")
     api = webhook_body([alert], "http://alertmanager:9093/api/v2/alerts", "http://monitor:8090/")
     assert isinstance(api, list) and "status" not in api[0] and api[0]["labels"]["alertname"] == "LoomDriftHigh"
+
+
+def test_no_model_alert_while_the_monitor_starts_and_triton_never_answered() -> None:
+    watch = TritonWatch("127.0.0.1:1", "http://127.0.0.1:1/metrics", expected={"minilm"})
+    watch.models = [ModelState("minilm", "", False, "Triton unreachable")]
+    assert rules.model_unavailable(watch, starting=True) == []
+    assert rules.model_unavailable(watch, starting=False)[0].active
+    watch.seen_up = True  # it was up once: an outage during the grace period is an outage
+    assert rules.model_unavailable(watch, starting=True)[0].active
