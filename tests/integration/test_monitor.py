@@ -141,7 +141,16 @@ def test_drift_alerts_on_shifted_inputs_and_resolves(mesh: Mesh) -> None:
             return True
 
         eventually(resolved, timeout=EVAL_S + 5)
-        assert drift(mesh, "embed")["text_chars"]["psi"] < 0.2
+        after = drift(mesh, "embed")
+        assert after["text_chars"]["psi"] < 0.2
+        shifted = {a["labels"]["feature"]: a["value"] for a in fired}
+        print(
+            "\ndrift PSI (embed): "
+            + ", ".join(
+                f"{f} {baseline[f]['psi']:.3f} -> {shifted.get(f, float('nan')):.3f} -> {after[f]['psi']:.3f}"
+                for f in ("text_chars", "text_tokens", "top_score")
+            )
+        )
         history = [a for a in alerts(mesh, "LoomDriftHigh", state="all") if a["state"] == "resolved"]
         assert history and all(a["resolved_unix_ms"] >= a["started_unix_ms"] for a in history)
         eventually(lambda: "resolved" in listener.states("LoomDriftHigh"), timeout=5)
