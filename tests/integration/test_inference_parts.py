@@ -79,6 +79,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             "LOOM_INFERENCE_MODELS": json.dumps([MODEL, "ocr"]),  # ocr is served but not loaded in Triton
             "LOOM_INFERENCE_CACHE_BUCKET": BUCKET,
             "LOOM_TRACES_FILE": str(workdir / "traces" / "inference.jsonl"),
+            "LOOM_OTLP_ENDPOINT": "",  # no monitor here: spans go to the file only
         }
         service = ManagedProcess(
             "inference", [sys.executable, "-m", "services.inference"], env=env, log_path=workdir / "inference.log"
