@@ -53,8 +53,8 @@ class _PendingCollector(Collector):
             labels=["service", "subject"],
         )
         for bus in list(self.buses):
-            for sub in bus._subs:
-                family.add_metric([bus.service, _metric_subject(sub.subject)], sub.pending_msgs)
+            for subject, pending in bus.pending().items():
+                family.add_metric([bus.service, subject], pending)
         yield family
 
 
@@ -266,6 +266,14 @@ class Bus:
             except Exception:  # a handler bug must not kill the subscription
                 log.exception("unhandled error on %s", msg.subject)
                 metrics.ERRORS.labels(self.service, "INTERNAL").inc()
+
+    def pending(self) -> dict[str, int]:
+        """Messages received but not yet handled, per subscribed subject."""
+        out: dict[str, int] = {}
+        for sub in self._subs:
+            subject = _metric_subject(sub.subject)
+            out[subject] = out.get(subject, 0) + sub.pending_msgs
+        return out
 
     @property
     def inflight(self) -> int:

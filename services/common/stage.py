@@ -42,10 +42,13 @@ class StageRunner:
         *,
         claims: ClaimCheck | None = None,
         carry_stats: bool = False,
+        report_features: bool = False,
     ) -> None:
         self.bus = bus
         #: Also leave the handler's statistics on the part (``Part.features``) for a later stage.
         self.carry_stats = carry_stats
+        #: Report the features an earlier stage left, with this stage's model version, then clear them.
+        self.report_features = report_features
         #: Fetches claim-checked bytes before the handler, parks large ones before publishing.
         self.claims = claims
         self.service = service
@@ -75,6 +78,9 @@ class StageRunner:
         if self.carry_stats and stats:
             part.features.clear()
             part.features.update(stats)
+        elif self.report_features and code == Code.OK and part.features:
+            stats = {**part.features, **stats}
+            part.ClearField("features")
         envelope.add_timing(part, self.service, elapsed_ms)
         metrics.STAGE_DURATION.labels(
             self.service, self.subject, part.pipeline, part.model, part.model_version

@@ -82,7 +82,11 @@ class Inference(Service):
         await asyncio.gather(*(self._refresh(m) for m in self.models.values()))
         self._refresher = asyncio.create_task(self._keep_refreshing())
         for model in self.inf.models:
-            await StageRunner(rt.bus, self.name, subjects.infer(model), self._handler(model), claims=rt.claims).start()
+            # Input statistics from preprocess are reported with the version that served them (input drift).
+            runner = StageRunner(
+                rt.bus, self.name, subjects.infer(model), self._handler(model), claims=rt.claims, report_features=True
+            )
+            await runner.start()
         await ModelsApi(rt.bus, self.triton, self.inf.models, queue=self.name).start()
 
     def _new_model(self, model: str) -> _Model:
@@ -122,10 +126,7 @@ class Inference(Service):
             for name, tensor in lookup.value.tensors.items():
                 part.tensors[name].CopyFrom(tensor)
             part.model, part.model_version = model, lookup.value.model_version
-            # The input's statistics, now with the version that served it (input drift), once.
-            features = dict(part.features)
-            part.ClearField("features")
-            return features
+            return {}
 
         return handle
 

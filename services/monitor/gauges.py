@@ -9,6 +9,8 @@ from prometheus_client import REGISTRY, Gauge
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
+from services.common import subjects
+
 if TYPE_CHECKING:
     from services.monitor.service import Monitor
 
@@ -124,7 +126,7 @@ def _pending(m: Monitor) -> int:
     rt = m._rt
     if rt is None:
         return 0
-    return sum(sub.pending_msgs for sub in rt.bus._subs)
+    return rt.bus.pending().get(subjects.TELEMETRY_ALL, 0)
 
 
 DROPPED = _Dropped()

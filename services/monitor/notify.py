@@ -82,8 +82,16 @@ def webhook_body(alerts: list[Alert], url: str, generator_url: str) -> object:
 class Notifier:
     """Sends alert transitions; a failing sink is logged and never stops the monitor."""
 
-    def __init__(self, bus: Bus, webhook_url: str = "", generator_url: str = "", timeout_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        bus: Bus,
+        session: aiohttp.ClientSession,
+        webhook_url: str = "",
+        generator_url: str = "",
+        timeout_s: float = 5.0,
+    ) -> None:
         self.bus = bus
+        self.session = session
         self.webhook_url = webhook_url
         self.generator_url = generator_url
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
@@ -109,10 +117,7 @@ class Notifier:
 
     async def _post(self, body: object) -> None:
         try:
-            async with (
-                aiohttp.ClientSession(timeout=self.timeout) as session,
-                session.post(self.webhook_url, json=body) as resp,
-            ):
+            async with self.session.post(self.webhook_url, json=body, timeout=self.timeout) as resp:
                 if resp.status >= 300:
                     log.warning("alert webhook %s answered %d", self.webhook_url, resp.status)
         except Exception as exc:

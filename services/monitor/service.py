@@ -33,6 +33,7 @@ from services.common.telemetry import extract
 from services.monitor import gauges, rules
 from services.monitor.accuracy import AccuracyBook, AnswerBook
 from services.monitor.alerts import AlertBook
+from services.monitor.api import add_routes
 from services.monitor.drift import DriftBook
 from services.monitor.notify import Notifier
 from services.monitor.otlp_receiver import TraceReceiver
@@ -106,10 +107,14 @@ class Monitor(Service):
             subjects.TELEMETRY_ALL, self.on_event, pending_limit=self.ms.telemetry_buffer, inline=True
         )
         await rt.bus.subscribe(subjects.FEEDBACK_ALL, self.on_feedback)
-        self._notifier = Notifier(
-            rt.bus, self.ms.alert_webhook_url, generator_url=f"http://{self.ms.bind_host}:{self.ms.http_port}/"
-        )
+        # One HTTP session for Triton's polls and the alert webhook.
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0))
+        self._notifier = Notifier(
+            rt.bus,
+            self._session,
+            self.ms.alert_webhook_url,
+            generator_url=f"http://{self.ms.bind_host}:{self.ms.http_port}/",
+        )
         self._loop_task = asyncio.create_task(self._evaluate_forever())
 
     async def stop(self) -> None:
@@ -131,8 +136,6 @@ class Monitor(Service):
         return 16 * 1024 * 1024
 
     def add_http(self, app: web.Application) -> None:
-        from services.monitor.api import add_routes
-
         add_routes(app, self)
 
     # -- inputs -------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -32,6 +33,7 @@ async def test_fired_and_resolved_alerts_go_to_nats_and_the_webhook(nats_server:
     app.router.add_post("/hook", hook)
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()
+    session = aiohttp.ClientSession()
     bus = Bus("monitor-test")
     await bus.connect(nats_server.url)
     published: list[tuple[str, monitor_pb2.Alert]] = []
@@ -41,7 +43,9 @@ async def test_fired_and_resolved_alerts_go_to_nats_and_the_webhook(nats_server:
 
     await bus.nc.subscribe("loom.alert.*", cb=on_alert)
     try:
-        notifier = Notifier(bus, webhook_url=str(server.make_url("/hook")), generator_url="http://monitor:8090/")
+        notifier = Notifier(
+            bus, session, webhook_url=str(server.make_url("/hook")), generator_url="http://monitor:8090/"
+        )
         book = AlertBook()
         firing = condition("LoomDriftHigh", "P2", {"pipeline": "embed", "feature": "text_chars"}, True, 0.42, "drift")
         await notifier.send(book.evaluate([firing], T0), book.firing())
@@ -59,4 +63,5 @@ async def test_fired_and_resolved_alerts_go_to_nats_and_the_webhook(nats_server:
         assert alert["endsAt"].startswith("2023-11-14T22:13:25")
     finally:
         await bus.close()
+        await session.close()
         await server.close()
