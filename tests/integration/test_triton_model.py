@@ -107,6 +107,18 @@ def _metrics(server: TritonServer) -> dict[str, float]:
     }
 
 
+def _settled_metrics(server: TritonServer) -> dict[str, float]:
+    """Counters once Triton has caught up with replies already sent (two equal reads 0.1 s apart)."""
+
+    def stable() -> dict[str, float]:
+        first = _metrics(server)
+        time.sleep(0.1)
+        assert _metrics(server) == first
+        return first
+
+    return eventually(stable, timeout=5, interval=0.05)  # type: ignore[no-any-return]
+
+
 @pytest.fixture(scope="module")
 def encoder() -> Encoder:
     return Encoder()
@@ -178,7 +190,7 @@ def test_concurrent_different_lengths_batch_and_match_single(server: TritonServe
     # being free; a few bursts on a busy 2-core machine make it certain.
     batched = False
     for _ in range(5):
-        before = _metrics(server)
+        before = _settled_metrics(server)
         with ThreadPoolExecutor(len(texts)) as pool:
             concurrent = list(pool.map(call, range(len(texts))))
         for got, single in zip(concurrent, singles, strict=True):
