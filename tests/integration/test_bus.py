@@ -94,7 +94,12 @@ async def test_drain_waits_for_inflight_handlers(nats_server: NatsHandle) -> Non
     for i in range(5):
         await producer.publish("loom.test.slow", bytes([i]))
     await producer.nc.flush()
-    await asyncio.sleep(0.1)
+    # Drain once all five are in the worker's hands (delivery can lag on a busy machine).
+    for _ in range(100):
+        if worker.inflight == 5:
+            break
+        await asyncio.sleep(0.02)
+    assert worker.inflight == 5 and not done
     await worker.drain(grace=5)
     assert len(done) == 5
     await worker.close()
