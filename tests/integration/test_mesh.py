@@ -97,6 +97,10 @@ def test_one_request_is_one_trace_across_all_six_processes(mesh: Mesh) -> None:
         assert {s["service"] for s in spans} >= set(SERVICES), {s["service"] for s in spans}
         # The monitor's hop: it records the gateway's telemetry for the answer, inside the trace.
         assert any(s["service"] == "monitor" and s["name"] == "monitor record" for s in spans)
+        # Exports come in batches per service: wait until no span still waits for its parent.
+        ids = {s["span_id"] for s in spans}
+        dangling = [s["name"] for s in spans if s["parent_id"] is not None and s["parent_id"] not in ids]
+        assert not dangling, f"parents not yet exported for {dangling}"
         return spans
 
     spans = eventually(spans_of_trace, timeout=15)

@@ -59,6 +59,10 @@ def test_image_phrase_comes_back_in_ocr_and_its_topics_through_the_chain(mesh: M
         spans = [s for s in read_spans(mesh.workdir / "traces") if s["trace_id"] == trace_id]
         names = {s["name"] for s in spans}
         assert {"triton infer ocr", "triton infer minilm", "process loom.post.ocr"} <= names, names
+        # Services export in batches: wait until every parent has arrived, not only the named spans.
+        ids = {s["span_id"] for s in spans}
+        missing = {s["parent_id"] for s in spans if s["parent_id"] is not None} - ids
+        assert not missing, f"parents not yet exported: {missing}"
         return spans
 
     spans = eventually(chain, timeout=15)
