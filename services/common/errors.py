@@ -25,6 +25,7 @@ class Code(StrEnum):
     UNAUTHENTICATED = "UNAUTHENTICATED"
     PERMISSION_DENIED = "PERMISSION_DENIED"
     FAILED_PRECONDITION = "FAILED_PRECONDITION"
+    ALREADY_EXISTS = "ALREADY_EXISTS"
     INTERNAL = "INTERNAL"
 
 
@@ -45,6 +46,7 @@ TABLE: dict[Code, Mapping] = {
     Code.UNAUTHENTICATED: Mapping(grpc.StatusCode.UNAUTHENTICATED, 401),
     Code.PERMISSION_DENIED: Mapping(grpc.StatusCode.PERMISSION_DENIED, 403),
     Code.FAILED_PRECONDITION: Mapping(grpc.StatusCode.FAILED_PRECONDITION, 412),
+    Code.ALREADY_EXISTS: Mapping(grpc.StatusCode.ALREADY_EXISTS, 409),
     Code.INTERNAL: Mapping(grpc.StatusCode.INTERNAL, 500),
 }
 
@@ -94,8 +96,28 @@ class Internal(LoomError):
     code = Code.INTERNAL
 
 
+class FailedPrecondition(LoomError):
+    """The request is well formed but the system is not in a state that allows it."""
+
+    code = Code.FAILED_PRECONDITION
+
+
+class AlreadyExists(LoomError):
+    code = Code.ALREADY_EXISTS
+
+
 _BY_CODE: dict[Code, type[LoomError]] = {
-    cls.code: cls for cls in (InvalidArgument, NotFound, ResourceExhausted, Unavailable, DeadlineExceeded, Internal)
+    cls.code: cls
+    for cls in (
+        InvalidArgument,
+        NotFound,
+        ResourceExhausted,
+        Unavailable,
+        DeadlineExceeded,
+        Internal,
+        FailedPrecondition,
+        AlreadyExists,
+    )
 }
 
 
