@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import shutil
 import time
 import urllib.error
 import urllib.request
@@ -50,10 +52,18 @@ def start_nats() -> NatsHandle:
 
 
 def http_json(
-    url: str, body: Any = None, *, raw: bytes | None = None, method: str | None = None, timeout: float = 30.0
+    url: str,
+    body: Any = None,
+    *,
+    raw: bytes | None = None,
+    method: str | None = None,
+    timeout: float = 30.0,
+    headers: dict[str, str] | None = None,
 ) -> tuple[int, Any]:
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    req = urllib.request.Request(url, data=data, method=method, headers={"content-type": "application/json"})
+    req = urllib.request.Request(
+        url, data=data, method=method, headers={"content-type": "application/json", **(headers or {})}
+    )
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return resp.status, json.loads(resp.read() or b"null")
@@ -61,8 +71,12 @@ def http_json(
         return exc.code, json.loads(exc.read() or b"null")
 
 
-def predict_http(gateway_http: str, text: str, pipeline: str = "embed", **extra: Any) -> tuple[int, Any]:
-    return http_json(f"{gateway_http}/v1/pipelines/{pipeline}:predict", {"inputs": {"text": text}, **extra})
+def predict_http(
+    gateway_http: str, text: str, pipeline: str = "embed", *, headers: dict[str, str] | None = None, **extra: Any
+) -> tuple[int, Any]:
+    return http_json(
+        f"{gateway_http}/v1/pipelines/{pipeline}:predict", {"inputs": {"text": text}, **extra}, headers=headers
+    )
 
 
 def predict_grpc(
@@ -121,3 +135,26 @@ def predict_inputs(
         for name, value in inputs.items()
     }
     return http_json(f"{gateway_http}/v1/pipelines/{pipeline}:predict", {"inputs": body, **extra}, timeout=timeout)
+
+
+MODEL_REPOSITORY = Path(__file__).resolve().parents[1] / "deploy" / "triton"
+
+
+def copy_model_repository(dest: Path, src: Path = MODEL_REPOSITORY) -> Path:
+    """A model repository a test may change (registering copies version folders into it).
+
+    Symlinks stay symlinks; ONNX files are hard-linked (symlinked across file
+    systems) rather than copied; ``__pycache__`` folders are left behind.
+    """
+
+    def link_or_copy(source: str, target: str) -> None:
+        if source.endswith(".onnx"):
+            try:
+                os.link(source, target)
+            except OSError:
+                os.symlink(os.path.abspath(source), target)
+        else:
+            shutil.copy2(source, target)
+
+    shutil.copytree(src, dest, symlinks=True, copy_function=link_or_copy, ignore=shutil.ignore_patterns("__pycache__"))
+    return dest

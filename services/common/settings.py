@@ -48,6 +48,9 @@ class CommonSettings(BaseSettings):
     )
     replica_id: str = Field("", description="Distinguishes replicas of one service in logs and spans.")
     pipelines_bucket: str = Field("loom_pipelines", description="JetStream KV bucket holding the pipeline specs.")
+    models_bucket: str = Field(
+        "loom_models", description="JetStream KV bucket of the model registry (versions, traffic policy, rollouts)."
+    )
     blob_bucket: str = Field("loom_blobs", description="JetStream object store for claim-checked inputs and tensors.")
     blob_ttl_s: float = Field(600.0, description="Unfetched claim-checked blobs are removed after this long.")
     claim_check_bytes: int = Field(

@@ -26,6 +26,7 @@ Foreground use::
 from __future__ import annotations
 
 import argparse
+import compileall
 import contextlib
 import importlib.util
 import os
@@ -46,7 +47,14 @@ from typing import IO, Self
 
 from services.common.launch.procs import die_with_parent
 
-__all__ = ["TritonServer", "TritonServerError", "find_pytriton_site_packages", "main"]
+__all__ = [
+    "TritonServer",
+    "TritonServerError",
+    "find_pytriton_site_packages",
+    "main",
+    "precompile_models",
+    "repository_models",
+]
 
 SHM_DIR = Path("/dev/shm")
 SHM_PREFIX = "triton_python_backend_shm_region_"
@@ -70,6 +78,40 @@ def find_pytriton_site_packages() -> Path:
     raise TritonServerError(
         "tritonserver binary not found: install nvidia-pytriton (0.7.x) into this interpreter's environment"
     )
+
+
+def repository_models(model_repository: str | os.PathLike[str]) -> list[str]:
+    """The model folders of a repository (those holding a ``config.pbtxt``), sorted.
+
+    In explicit model-control mode Triton loads nothing by itself: these are the names to pass
+    as ``--load-model`` so the server starts with every model, each with the versions its
+    ``config.pbtxt``'s ``version_policy`` names (further versions are loaded later, through the
+    model-control API with a config override).
+    """
+    root = Path(model_repository)
+    if not root.is_dir():
+        raise TritonServerError(f"model repository {root} is not a directory")
+    return sorted(entry.name for entry in root.iterdir() if (entry / "config.pbtxt").is_file())
+
+
+def precompile_models(path: str | os.PathLike[str]) -> bool:
+    """Write the ``__pycache__`` of every ``model.py`` under ``path`` now, before Triton loads it.
+
+    Why: the python backend's stub imports ``<version>/model.py`` and so writes
+    ``<version>/__pycache__/`` on the version's first load. Triton sees the folder changed and, on
+    the next load request for that model (in explicit mode: every change of its version_policy),
+    re-initialises that version although nothing real changed (measured: each version was loaded
+    twice). With the bytecode already there, a reload loads only new or really changed versions.
+    Call it after copying a version folder in, before ``load_model``. Returns False when some file
+    could not be compiled or written (a read-only repository): harmless, only the extra reload remains.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        return False
+    try:
+        return bool(compileall.compile_dir(str(root), quiet=2, workers=1))
+    except OSError:
+        return False
 
 
 class TritonServer:
@@ -230,6 +272,7 @@ class TritonServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         backends = self.prepare_backends()
+        precompile_models(self.model_repository)
         cmd = self.command(backends)
         self._shm_before = shm_regions()
         log = open(self.log_file, "ab")  # noqa: SIM115 - closed in stop()
@@ -420,7 +463,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--load-model",
         action="append",
         default=[],
-        help="with explicit mode; repeatable",
+        help="with explicit mode; repeatable (default there: every model folder of the repository)",
     )
     parser.add_argument(
         "--model-config-name",
@@ -441,6 +484,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     extra = [a for a in args.extra if a != "--"] if args.extra else []
+    load_models = list(args.load_model)
+    if args.model_control_mode == "explicit" and not load_models:
+        load_models = repository_models(args.model_repository)
 
     server = TritonServer(
         args.model_repository,
@@ -454,7 +500,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         trace_otlp_url=args.trace_otlp_url,
         trace_service_name=args.trace_service_name,
         model_control_mode=args.model_control_mode,
-        load_models=args.load_model,
+        load_models=load_models,
         model_config_name=args.model_config_name or ("gpu" if args.gpu else None),
         gpu=args.gpu,
         log_verbose=args.log_verbose,

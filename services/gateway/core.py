@@ -31,6 +31,10 @@ from services.gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
 
+#: HTTP header and gRPC metadata key of the sticky routing key (canary, experiment arms); empty: per request.
+ROUTE_KEY = "x-loom-route-key"
+MAX_ROUTE_KEY = 256
+
 
 @dataclass
 class PredictCall:
@@ -44,6 +48,8 @@ class PredictCall:
     #: Media types the caller declared, by input name.
     content_types: dict[str, str] = field(default_factory=dict)
     bypass_cache: bool = False
+    #: Requests with the same key reach the same model version (``Part.route_key``), e.g. a user id.
+    route_key: str = ""
 
 
 class GatewayCore:
@@ -106,6 +112,8 @@ class GatewayCore:
             raise DeadlineExceeded("the caller's deadline has already passed")
         if call.request_id:
             envelope.check_request_id(call.request_id)
+        if len(call.route_key) > MAX_ROUTE_KEY:
+            raise InvalidArgument(f"the route key ({ROUTE_KEY}) must be at most {MAX_ROUTE_KEY} characters")
         return spec, timeout_ms
 
     def _check_input(self, name: str, value: str | bytes, modality: str) -> None:
@@ -184,6 +192,7 @@ class GatewayCore:
                 part_ids=names,
                 content_type=call.content_types.get(name, ""),
                 bypass_cache=call.bypass_cache,
+                route_key=call.route_key,
             )
             if isinstance(value, str):
                 part.text = value

@@ -13,10 +13,18 @@ import grpc
 
 from services.common.pb.loom.v1 import gateway_pb2
 from services.gateway import convert
-from services.gateway.core import GatewayCore
+from services.gateway.core import ROUTE_KEY, GatewayCore
 from services.gateway.edges import grpc_unary
 
 SERVICE = "loom.v1.Gateway"
+
+
+def metadata_value(context: grpc.aio.ServicerContext, key: str) -> str:
+    """One text value of the call's metadata (keys are lower case on the wire); "" when absent."""
+    for k, v in context.invocation_metadata() or ():
+        if k == key and isinstance(v, str):
+            return v
+    return ""
 
 
 class GatewayGrpc:
@@ -24,7 +32,9 @@ class GatewayGrpc:
         self.core = core
 
     async def predict(self, req: gateway_pb2.PredictRequest, context: grpc.aio.ServicerContext) -> Any:
-        return await self.core.predict(convert.call_from_proto(req, context.time_remaining()))
+        call = convert.call_from_proto(req, context.time_remaining())
+        call.route_key = metadata_value(context, ROUTE_KEY)
+        return await self.core.predict(call)
 
     def _done(self, req: gateway_pb2.PredictRequest | None, code: str, seconds: float) -> None:
         self.core.record(req.pipeline if req is not None else "", code, "grpc", seconds)

@@ -15,7 +15,7 @@ from services.common.errors import InvalidArgument, LoomError, ResourceExhausted
 from services.common.pipeline_store import PipelineStore
 from services.common.pipelines import to_yaml
 from services.gateway import convert
-from services.gateway.core import GatewayCore, PredictCall
+from services.gateway.core import ROUTE_KEY, GatewayCore, PredictCall
 from services.gateway.edges import body_too_large, http_traced, read_body
 from services.gateway.settings import GatewaySettings
 
@@ -80,6 +80,7 @@ class GatewayHttp:
 
     async def predict(self, request: web.Request) -> web.Response:
         call = await self._read_call(request, request.match_info["pipeline"])
+        call.route_key = request.headers.get(ROUTE_KEY, "")
         return web.json_response(convert.response_to_json(await self.core.predict(call)))
 
     def _done(self, request: web.Request, code: str, seconds: float) -> None:

@@ -8,9 +8,15 @@ from typing import ClassVar
 import grpc
 from aiohttp import web
 
+from services.common.audit import AuditLog
 from services.common.lifecycle import Runtime, Service
 from services.common.pipeline_store import PipelineStore
 from services.common.pipelines import default_dir, load_dir
+from services.common.registry.store import RegistryStore
+from services.gateway.admin import AdminCore
+from services.gateway.admin_grpc import SERVICE as ADMIN_SERVICE
+from services.gateway.admin_grpc import AdminGrpc
+from services.gateway.admin_http import AdminHttp
 from services.gateway.core import GatewayCore
 from services.gateway.grpc_api import SERVICE, GatewayGrpc
 from services.gateway.http_api import GatewayHttp
@@ -25,7 +31,7 @@ log = logging.getLogger(__name__)
 
 class Gateway(Service):
     name: ClassVar[str] = "gateway"
-    grpc_service_names: ClassVar[tuple[str, ...]] = (SERVICE, KSERVE_SERVICE)
+    grpc_service_names: ClassVar[tuple[str, ...]] = (SERVICE, KSERVE_SERVICE, ADMIN_SERVICE)
 
     def __init__(self, settings: GatewaySettings) -> None:
         super().__init__(settings)
@@ -33,6 +39,7 @@ class Gateway(Service):
         self._core: GatewayCore | None = None
         self._store: PipelineStore | None = None
         self._kserve: KServeDataPlane | None = None
+        self._admin: AdminCore | None = None
 
     @property
     def core(self) -> GatewayCore:
@@ -44,6 +51,8 @@ class Gateway(Service):
         self._store = rt.store
         # KServe's ServerReady is the gateway's own readiness, as /readyz reports it.
         self._kserve = KServeDataPlane(self._core, lambda: rt.ready.is_set() and rt.bus.connected)
+        registry = RegistryStore(rt.bus, self.gw.models_bucket, service=self.name)
+        self._admin = AdminCore(rt.bus, registry, AuditLog(rt.bus, service=self.name), self.gw)
 
     async def start(self, rt: Runtime) -> None:
         directory = self.gw.pipelines_dir or default_dir()
@@ -52,15 +61,27 @@ class Gateway(Service):
             log.info("stored pipeline specs %s from %s", added, directory)
         await rt.store.wait_for([spec.name for spec in load_dir(directory)])
         await self.core.start()
+        assert self._admin is not None, "bind() first"
+        # Reads go to KV each time (admin calls are rare), so no watch to keep.
+        await self._admin.registry.start(watch=False)
+        await self._admin.audit.start()
+        await self._admin.seed()
+
+    async def stop(self) -> None:
+        if self._admin is not None:
+            await self._admin.registry.stop()
 
     def add_grpc(self, server: grpc.aio.Server) -> None:
-        assert self._kserve is not None, "bind() first"
-        server.add_generic_rpc_handlers((GatewayGrpc(self.core).handler(), KServeGrpc(self._kserve).handler()))
+        assert self._kserve is not None and self._admin is not None, "bind() first"
+        server.add_generic_rpc_handlers(
+            (GatewayGrpc(self.core).handler(), KServeGrpc(self._kserve).handler(), AdminGrpc(self._admin).handler())
+        )
 
     def add_http(self, app: web.Application) -> None:
         assert self._store is not None, "bind() first"
-        assert self._kserve is not None, "bind() first"
+        assert self._kserve is not None and self._admin is not None, "bind() first"
         GatewayHttp(self.core, self._store, self.gw).add_routes(app)
+        AdminHttp(self._admin).add_routes(app)
         KServeHttp(self._kserve, self.gw).add_routes(app)
 
     def grpc_options(self) -> list[tuple[str, int]]:

@@ -1,10 +1,15 @@
 """The inference service: ``loom.infer.<model>`` -> result cache or Triton -> output tensors.
 
-Per model: a part's inputs are looked up in the result cache; on a miss the
-part joins a micro-batch (:mod:`services.inference.batcher`) that goes to
-Triton as one request. What each model allows — Triton's max_batch_size and
-the version it serves (part of the cache key) — is read from Triton at start
-and refreshed in the background, so the service may start before Triton.
+Per model: a part is routed to a version by the model's traffic policy in the
+registry (:mod:`services.inference.router`; a model with no record goes to
+Triton's default version), its inputs are looked up in the result cache under
+that version; on a miss the part joins a micro-batch
+(:mod:`services.inference.batcher`) of its version that goes to Triton as one
+request. A policy's shadow version gets a copy (:mod:`services.inference.shadow`),
+and :mod:`services.inference.control` makes Triton serve the registry's active
+versions. What each model allows — Triton's max_batch_size and its default
+version — is read from Triton at start and refreshed in the background, so the
+service may start before Triton.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -22,13 +28,18 @@ from opentelemetry.trace import Link, SpanContext
 
 from services.common import envelope, subjects
 from services.common.errors import InvalidArgument, LoomError
+from services.common.events import TelemetryPublisher
 from services.common.lifecycle import Runtime, Service
 from services.common.pb.loom.v1 import envelope_pb2 as pb
+from services.common.registry.store import RegistryStore
 from services.common.stage import Handler, StageRunner, Stats
+from services.inference import routing
 from services.inference.batcher import MicroBatcher, compat_key, stack
 from services.inference.cache import NOTE, ResultCache
+from services.inference.control import ModelControl
 from services.inference.models_api import ModelsApi
 from services.inference.settings import InferenceSettings
+from services.inference.shadow import ShadowMirror
 from services.inference.triton import Outputs, TritonModels, from_tensor, to_tensor
 
 log = logging.getLogger(__name__)
@@ -43,6 +54,7 @@ class _Row:
     tensors: dict[str, np.ndarray]
     deadline: float  # time.monotonic()
     span: SpanContext
+    version: str = ""  # asked of Triton; "" = its default; a batch holds one version only
 
 
 @dataclass
@@ -52,8 +64,9 @@ class _Model:
     name: str
     batcher: MicroBatcher[_Row, Result]
     batched: bool = True  # Triton takes a batch dimension (its max_batch_size > 0)
-    version: str = ""  # the version Triton serves; "" = unknown: no cache
+    version: str = ""  # the version Triton serves by default; "" = unknown: no cache
     known: bool = False  # max_batch_size read from Triton
+    inflight: int = 0  # parts of this model being handled by this replica (routing rules)
 
 
 class Inference(Service):
@@ -72,10 +85,21 @@ class Inference(Service):
         )
         self.models: dict[str, _Model] = {}
         self._refresher: asyncio.Task[None] | None = None
+        self.registry: RegistryStore | None = None
+        self.control: ModelControl | None = None
+        self.shadow: ShadowMirror | None = None
 
     async def start(self, rt: Runtime) -> None:
         self.triton = TritonModels(self.inf.triton_url, reconnect_backoff_ms=self.inf.reconnect_backoff_ms)
         await self.cache.start(rt.bus.nc)
+        self.registry = RegistryStore(rt.bus, self.inf.models_bucket, service=self.name)
+        await self.registry.start(watch=True)
+        self.shadow = ShadowMirror(
+            self._run_shadow,
+            TelemetryPublisher(rt.bus, self.name),
+            max_inflight=self.inf.shadow_max_inflight,
+            timeout_s=self.inf.shadow_timeout_s,
+        )
         for model in self.inf.models:
             self.models[model] = self._new_model(model)
         # Learn what Triton allows now if it is up; otherwise batch nothing until the refresher learns it.
@@ -88,6 +112,19 @@ class Inference(Service):
             )
             await runner.start()
         await ModelsApi(rt.bus, self.triton, self.inf.models, queue=self.name).start()
+        self.control = ModelControl(
+            rt.bus,
+            self.triton,
+            self.inf.models,
+            self.registry,
+            queue=self.name,
+            timeout_s=self.inf.control_timeout_s,
+            refresh_s=self.inf.model_refresh_s,
+            hold_s=self.inf.control_hold_s,
+        )
+        await self.control.start()
+        if self.inf.model_repository:
+            log.info("Triton's model repository: %s", self.inf.model_repository)
 
     def _new_model(self, model: str) -> _Model:
         pad = model in self.inf.pad_models
@@ -99,7 +136,7 @@ class Inference(Service):
             run,
             max_batch_size=1,  # until Triton's config says more
             max_delay_s=self.inf.max_batch_delay_ms / 1000.0,
-            key=lambda row: compat_key(row.tensors, pad=pad),
+            key=lambda row: (row.version, compat_key(row.tensors, pad=pad)),
             name=model,
             dispatch_when_idle=self.inf.batch_when_busy_only,
         )
@@ -109,26 +146,56 @@ class Inference(Service):
         async def handle(part: pb.Part) -> Stats:
             state = self.models[model]
             inputs = {name: from_tensor(t) for name, t in part.tensors.items()}  # bad input fails before the cache
-            lookup = await self.cache.lookup(model, state.version, part)
-            if lookup.note:
-                part.notes[NOTE] = lookup.note
-            if lookup.value is None:
-                remaining = envelope.remaining_s(part)
-                row = _Row(inputs, time.monotonic() + remaining, trace.get_current_span().get_span_context())
-                outputs, version = await state.batcher.submit(row, timeout_s=remaining)
-                if version:
-                    state.version = version
-                lookup.value = pb.CachedOutputs(
-                    model_version=version, tensors={name: to_tensor(a) for name, a in outputs.items()}
+            part.model = model
+            state.inflight += 1
+            try:
+                route, stable = routing.route_part(self.registry, model, part, inputs, inflight=state.inflight)
+                value, reason = await routing.with_fallback(
+                    route, stable, lambda version: self._outputs(state, part, inputs, version)
                 )
-                self.cache.store(lookup, lookup.value)
+            finally:
+                state.inflight -= 1
             part.ClearField("tensors")  # pass only the small result downstream
-            for name, tensor in lookup.value.tensors.items():
+            for name, tensor in value.tensors.items():
                 part.tensors[name].CopyFrom(tensor)
-            part.model, part.model_version = model, lookup.value.model_version
+            part.model_version = value.model_version
+            routing.record(part, reason)
+            if route.shadow is not None and self.shadow is not None:
+                self.shadow.mirror(model, route.shadow, inputs, value, part)
             return {}
 
         return handle
+
+    async def _outputs(
+        self, state: _Model, part: pb.Part, inputs: dict[str, np.ndarray], version: str
+    ) -> pb.CachedOutputs:
+        """One part's outputs from ``version`` ("" = Triton's default), from the cache when it has them."""
+        part.model_version = version or state.version  # a failure is the routed version's
+        lookup = await self.cache.lookup(state.name, version or state.version, part)
+        if lookup.note:
+            part.notes[NOTE] = lookup.note
+        if lookup.value is None:
+            remaining = envelope.remaining_s(part)
+            span = trace.get_current_span().get_span_context()
+            row = _Row(inputs, time.monotonic() + remaining, span, version)
+            outputs, answered = await state.batcher.submit(row, timeout_s=remaining)
+            if answered and not version:
+                state.version = answered
+            lookup.value = pb.CachedOutputs(
+                model_version=answered, tensors={name: to_tensor(a) for name, a in outputs.items()}
+            )
+            self.cache.store(lookup, lookup.value)
+        return lookup.value
+
+    async def _run_shadow(
+        self, model: str, version: str, inputs: Mapping[str, np.ndarray], timeout_s: float
+    ) -> Outputs:
+        """A shadow copy joins the micro-batches of its version (never a caller's batch: the key holds the version)."""
+        state = self.models[model]
+        span = trace.get_current_span().get_span_context()
+        row = _Row(dict(inputs), time.monotonic() + timeout_s, span, version)
+        outputs, _ = await state.batcher.submit(row, timeout_s=timeout_s)
+        return outputs
 
     async def _run_batch(self, state: _Model, rows: list[_Row]) -> list[Result | BaseException]:
         assert self.triton is not None
@@ -137,7 +204,7 @@ class Inference(Service):
         inputs = stack([row.tensors for row in rows]) if state.batched else rows[0].tensors
         try:
             outputs, version = await self.triton.infer(
-                state.name, inputs, batched=state.batched, timeout_s=timeout, links=links
+                state.name, inputs, batched=state.batched, timeout_s=timeout, version=rows[0].version, links=links
             )
         except InvalidArgument:
             if len(rows) == 1:
@@ -175,12 +242,18 @@ class Inference(Service):
             await asyncio.gather(*(self._refresh(m) for m in self.models.values()))
 
     async def stop(self) -> None:
+        if self.control is not None:
+            await self.control.stop()
         if self._refresher is not None:
             self._refresher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._refresher
         for state in self.models.values():
             await state.batcher.close()
+        if self.shadow is not None:
+            await self.shadow.close()
+        if self.registry is not None:
+            await self.registry.stop()
         await self.cache.close()
         if self.triton is not None:
             await self.triton.close()

@@ -80,3 +80,37 @@ class InferenceSettings(CommonSettings):
         100.0,
         "Longest wait for a cache lookup; a slower KV counts as an error and the part goes to Triton.",
     )
+
+    # Model lifecycle: the registry, Triton model control and shadow traffic.
+    model_repository: str = service_field(
+        "inference",
+        "model_repository",
+        "",
+        "Triton's model repository, for logs only: Triton reads it, this service never does.",
+    )
+    control_timeout_s: float = service_field(
+        "inference",
+        "control_timeout_s",
+        110.0,
+        "Longest wait for Triton to load a model's versions (loom.models.control; the admin API waits 120 s).",
+    )
+    control_hold_s: float = service_field(
+        "inference",
+        "control_hold_s",
+        120.0,
+        "After a loom.models.control request, how long its versions stand before the registry's active "
+        "versions are enforced again (the admin API loads a version first, then registers it).",
+    )
+    shadow_max_inflight: int = service_field(
+        "inference",
+        "shadow_max_inflight",
+        256,
+        "Most shadow copies in flight at once (they are micro-batched like callers' parts); more are dropped, "
+        'counted in loom_shadow_total{result="dropped"}, so a slow shadow version never builds an unbounded queue.',
+    )
+    shadow_timeout_s: float = service_field(
+        "inference",
+        "shadow_timeout_s",
+        10.0,
+        "Longest wait for a shadow version's answer before it counts as an error.",
+    )

@@ -8,6 +8,8 @@ exception. BYTES tensors travel in a Part in the KServe v2 raw form
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -205,5 +207,74 @@ class TritonModels:
         ready = await asyncio.gather(*(self.ready(model, v, timeout_s=timeout_s) for v in versions))
         return [v for v, ok in zip(versions, ready, strict=True) if ok]
 
+    async def load_versions(self, model: str, versions: Sequence[str], *, timeout_s: float) -> list[str]:
+        """Make Triton serve exactly ``versions`` of ``model``; returns them once all are ready.
+
+        Triton (explicit model control) loads the model with its current config
+        and ``version_policy`` replaced. Learned by test: a load brings up new
+        instances of every listed version beside the old ones and switches
+        over only when all are ready, so versions that stay keep answering; a
+        load that fails changes nothing (the old versions serve on); a listed
+        version with no folder in the repository is skipped without an error,
+        which is why the ready set is checked here.
+        """
+        wanted = sorted(set(versions), key=int)
+        deadline = time.monotonic() + timeout_s
+        config = await self._config(model, deadline)
+        config["version_policy"] = {"specific": {"versions": [int(v) for v in wanted]}}
+        try:
+            await self.client.load_model(
+                model, config=json.dumps(config), client_timeout=max(deadline - time.monotonic(), 0.001)
+            )
+        except InferenceServerException as exc:
+            raise _load_error(exc, model, wanted, timeout_s) from None
+        # The load returns when it is done; a short wait covers a slow readiness report.
+        settle = min(deadline, time.monotonic() + 5.0)
+        while True:
+            ready = await self.ready_versions(model, timeout_s=max(1.0, min(5.0, deadline - time.monotonic())))
+            if ready == wanted or time.monotonic() >= settle:
+                break
+            await asyncio.sleep(0.1)
+        if ready != wanted:
+            missing = ", ".join(v for v in wanted if v not in ready) or "none"
+            raise InvalidArgument(
+                f"Triton loaded {model} but serves versions [{', '.join(ready)}], not [{', '.join(wanted)}]; "
+                f"missing: {missing} (is there a folder {model}/<version> in Triton's model repository?)"
+            )
+        return ready
+
+    async def _config(self, model: str, deadline: float) -> dict[str, Any]:
+        """The model's current config as JSON; a model Triton has not loaded is loaded from the repository first."""
+        for attempt in range(2):
+            try:
+                answer = await self.client.get_model_config(
+                    model, as_json=True, client_timeout=max(deadline - time.monotonic(), 0.001)
+                )
+                return cast(dict[str, Any], answer["config"])
+            except InferenceServerException as exc:
+                if attempt or "StatusCode.NOT_FOUND" not in str(exc.status()):
+                    raise _load_error(exc, model, [], deadline - time.monotonic()) from None
+            try:  # not loaded (explicit mode): its config comes with loading it as the repository says
+                await self.client.load_model(model, client_timeout=max(deadline - time.monotonic(), 0.001))
+            except InferenceServerException as exc:
+                raise _load_error(exc, model, [], deadline - time.monotonic()) from None
+        raise Internal(f"no config for model {model}")  # unreachable: the loop returns or raises
+
     async def close(self) -> None:
         await self.client.close()
+
+
+def one_line(text: str, limit: int = 1000) -> str:
+    """Triton's messages carry python tracebacks: one line, bounded (a NATS header takes no newline)."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+def _load_error(exc: InferenceServerException, model: str, versions: Sequence[str], timeout_s: float) -> LoomError:
+    status = str(exc.status() or "")
+    what = f"{model} versions [{', '.join(versions)}]" if versions else model
+    if status == "StatusCode.UNAVAILABLE":
+        return Unavailable(f"Triton is unavailable: cannot load {what}")
+    if status == "StatusCode.DEADLINE_EXCEEDED":
+        return Unavailable(f"Triton did not finish loading {what} within {max(timeout_s, 0):.0f}s")
+    return InvalidArgument(f"Triton could not load {what}: {one_line(exc.message() or str(exc))}")

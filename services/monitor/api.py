@@ -8,7 +8,9 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from services.common.envelope import now_ms
+from services.common.registry.schema import ModelRecord
 from services.monitor.otlp_receiver import make_http_handler
+from services.monitor.rollout import weight
 
 if TYPE_CHECKING:
     from services.monitor.service import Monitor
@@ -25,8 +27,10 @@ def models_view(m: Monitor, t: int) -> dict[str, Any]:
         (r["model"], r["version"]): r for r in m.traffic.snapshot(t, m.ms.slo_short_s)
     }
     ready = {(s.model, s.version): s.ready for s in m.triton.models}
+    records = m.rollouts.view() if m.rollouts is not None else {}
+    in_rollout = {(name, rec.rollout.version) for name, rec in records.items() if rec.rollout is not None}
     rows = []
-    for key in sorted(set(traffic) | set(ready)):
+    for key in sorted(set(traffic) | set(ready) | in_rollout):
         model, version = key
         row = traffic.get(key) or {"model": model, "version": version, "requests": 0, "share": 0.0}
         per = m.triton.per_request_us.get(key, {})
@@ -38,10 +42,22 @@ def models_view(m: Monitor, t: int) -> dict[str, Any]:
                 "ready": ready.get(key),
                 "queue_us_per_request": _r(per.get("queue")),
                 "compute_us_per_request": _r(per.get("compute")),
-                "rollout": None,
+                "rollout": rollout_cell(records.get(model), version),
             }
         )
     return {"triton": m.triton.snapshot(), "versions": rows}
+
+
+def rollout_cell(rec: ModelRecord | None, version: str) -> dict[str, Any] | None:
+    """The models table's rollout column for the version being rolled out: {stage, percent, state}."""
+    r = None if rec is None else rec.rollout
+    if rec is None or r is None or r.version != version:
+        return None
+    if r.active:
+        stage = f"step {r.step + 1}/{len(r.steps)}" + (" paused" if r.state == "paused" else "")
+    else:
+        stage = {"succeeded": "promoted", "rolled_back": "rolled back"}.get(r.state, r.state)
+    return {"stage": stage, "percent": weight(rec), "state": r.state, "id": r.id}
 
 
 def _r(value: float | None) -> float | None:
@@ -127,6 +143,20 @@ def add_routes(app: web.Application, m: Monitor) -> None:
     async def get_slo(_: web.Request) -> web.Response:
         return web.json_response({"pipelines": m.slo.snapshot(m.slo_specs(), now_ms())})
 
+    async def get_rollouts(_: web.Request) -> web.Response:
+        if m.rollouts is None:
+            return web.json_response({"enabled": False, "rollouts": []})
+        return web.json_response({"enabled": True, "rollouts": m.rollouts.rows()})
+
+    async def get_versions(request: web.Request) -> web.Response:
+        try:
+            window_s = float(request.query.get("window_s", str(m.ms.slo_short_s)))
+        except ValueError:
+            return _error(400, "INVALID_ARGUMENT", "window_s must be a number of seconds")
+        if not 0 < window_s <= m.ms.slo_long_s:
+            return _error(400, "INVALID_ARGUMENT", f"window_s must be in (0, {m.ms.slo_long_s}]")
+        return web.json_response({"versions": m.versions.snapshot(now_ms(), window_s)})
+
     async def evaluate(_: web.Request) -> web.Response:
         await m.evaluate()
         return web.json_response({"evaluated_unix_ms": now_ms()})
@@ -144,4 +174,6 @@ def add_routes(app: web.Application, m: Monitor) -> None:
     app.router.add_post("/v1/drift/baseline", post_baseline)
     app.router.add_get("/v1/accuracy", get_accuracy)
     app.router.add_get("/v1/slo", get_slo)
+    app.router.add_get("/v1/rollouts", get_rollouts)
+    app.router.add_get("/v1/versions", get_versions)
     app.router.add_post("/v1/evaluate", evaluate)

@@ -10,6 +10,7 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
 from services.common import subjects
+from services.monitor.rollout import weight
 
 if TYPE_CHECKING:
     from services.monitor.service import Monitor
@@ -35,6 +36,12 @@ LATENCY = Gauge(
 )
 BUFFER_ITEMS = Gauge("loom_monitor_buffer_items", "Items held in each of the monitor's buffers.", ["buffer"])
 BUFFER_LIMIT = Gauge("loom_monitor_buffer_limit", "The bound of each of the monitor's buffers.", ["buffer"])
+ROLLOUT_STEP = Gauge(
+    "loom_rollout_step",
+    "Canary weight (percent) of each model's current rollout: the step's weight while it runs or pauses, "
+    "100 once promoted, 0 once rolled back or aborted.",
+    ["model", "version"],
+)
 MEMORY_LIMIT = Gauge("loom_monitor_memory_limit_bytes", "The memory the monitor's buffer limits are sized for.")
 
 
@@ -77,6 +84,7 @@ def dropped_totals(m: Monitor) -> dict[str, float]:
         "drift_keys": float(m.drift.dropped),
         "accuracy_keys": float(m.accuracy.dropped),
         "stages": float(m.book.dropped + m.traffic.dropped + m.slo.dropped),
+        "version_keys": float(m.versions.dropped),
     }
 
 
@@ -114,12 +122,24 @@ def update(m: Monitor, now_ms: int) -> None:
         ("answers", len(m.answers), s.answers),
         ("drift_values", m.drift.items(), None),
         ("stage_samples", m.book.items(), None),
+        ("version_samples", m.versions.items(), None),
     ):
         BUFFER_ITEMS.labels(buffer).set(items)
         if limit is not None:
             BUFFER_LIMIT.labels(buffer).set(limit)
+    _set(ROLLOUT_STEP, rollout_rows(m))
     DROPPED.monitor = m
     MEMORY_LIMIT.set(s.memory_limit_mb * 1024 * 1024)
+
+
+def rollout_rows(m: Monitor) -> list[tuple[tuple[str, str], float | None]]:
+    if m.rollouts is None:
+        return []
+    return [
+        ((model, rec.rollout.version), weight(rec))
+        for model, rec in m.rollouts.view().items()
+        if rec.rollout is not None
+    ]
 
 
 def _pending(m: Monitor) -> int:

@@ -4,7 +4,9 @@ Inputs: ``loom.tel.>`` (every stage's events, a bounded queue), ``loom.fb.*``
 (ground truth), OTLP spans (gRPC on the monitor's gRPC port, HTTP at
 /v1/traces), Triton's repository index and metrics. Every
 ``eval_interval_s`` it recomputes drift, accuracy and SLOs, evaluates the
-alert rules and announces what changed.
+alert rules and announces what changed. With ``rollout_enabled`` it also
+follows the model registry (``loom_models``) and runs the rollout controller
+on every evaluation (``services.monitor.rollout``).
 """
 
 from __future__ import annotations
@@ -24,11 +26,13 @@ from opentelemetry import trace
 from prometheus_client import REGISTRY, Counter, Histogram
 
 from services.common import metrics, subjects
+from services.common.audit import AuditLog
 from services.common.envelope import now_ms
 from services.common.lifecycle import Runtime, Service
 from services.common.pb.loom.v1 import envelope_pb2 as pb
 from services.common.pb.loom.v1 import monitor_pb2
 from services.common.pipelines import SloSpec
+from services.common.registry.store import RegistryStore
 from services.common.telemetry import extract
 from services.monitor import gauges, rules
 from services.monitor.accuracy import AccuracyBook, AnswerBook
@@ -37,11 +41,13 @@ from services.monitor.api import add_routes
 from services.monitor.drift import DriftBook
 from services.monitor.notify import Notifier
 from services.monitor.otlp_receiver import TraceReceiver
+from services.monitor.rollout import RolloutController
 from services.monitor.series import SloBook, SloWindows
 from services.monitor.settings import MonitorSettings
 from services.monitor.stats import ModelTraffic, StatsBook
 from services.monitor.traces import TraceStore
 from services.monitor.triton_watch import TritonWatch
+from services.monitor.versions import VersionBook
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +78,10 @@ class Monitor(Service):
         self.drift = DriftBook(reference_size=s.drift_reference, window=s.drift_window, min_samples=s.drift_min_samples)
         self.answers = AnswerBook(max_answers=s.answers)
         self.accuracy = AccuracyBook(self.answers, window=s.accuracy_window, min_samples=s.accuracy_min_samples)
+        self.versions = VersionBook(keep_s=s.slo_long_s, samples=s.version_samples)
+        #: The model registry and the rollout controller (started in ``start`` when rollout_enabled).
+        self.registry: RegistryStore | None = None
+        self.rollouts: RolloutController | None = None
         self.traces = TraceStore(max_traces=s.traces_max, max_spans_per_trace=s.spans_per_trace, max_spans=s.spans_max)
         self.triton = TritonWatch(
             s.triton_url, s.triton_metrics_url, expected={m.strip() for m in s.models.split(",") if m.strip()}
@@ -109,6 +119,8 @@ class Monitor(Service):
         await rt.bus.subscribe(subjects.FEEDBACK_ALL, self.on_feedback)
         # One HTTP session for Triton's polls and the alert webhook.
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0))
+        if self.ms.rollout_enabled:
+            await self._start_rollouts(rt)
         self._notifier = Notifier(
             rt.bus,
             self._session,
@@ -117,11 +129,27 @@ class Monitor(Service):
         )
         self._loop_task = asyncio.create_task(self._evaluate_forever())
 
+    async def _start_rollouts(self, rt: Runtime) -> None:
+        self.registry = RegistryStore(rt.bus, self.ms.models_bucket, service=self.name)
+        await self.registry.start(watch=True)
+        audit = AuditLog(rt.bus, service=self.name)
+        await audit.start()
+        self.rollouts = RolloutController(
+            self.registry,
+            audit,
+            self.versions,
+            self.accuracy,
+            alert_hold_s=self.ms.rollback_alert_hold_s,
+            min_output_samples=self.ms.rollout_min_output_samples,
+        )
+
     async def stop(self) -> None:
         if self._loop_task is not None:
             self._loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop_task
+        if self.registry is not None:
+            await self.registry.stop()
         if self._session is not None:
             await self._session.close()
         REGISTRY.unregister(self.triton)
@@ -151,6 +179,8 @@ class Monitor(Service):
         code = event.code or "OK"
         t = now_ms()
         self.book.record(event)
+        # Before the OK filter below: a version's failures are what a rollout is judged on.
+        self.versions.record(event, t)
         EVENTS.labels(event.service, event.stage, event.pipeline, code).inc()
         STAGE_LATENCY.labels(event.service, event.stage, event.pipeline).observe(event.duration_ms / 1000.0)
         if event.stage == GATEWAY_STAGE:
@@ -214,6 +244,8 @@ class Monitor(Service):
             "accuracy": self.accuracy.snapshot(),
             "pipelines": self.slo.snapshot(specs, t),
         }
+        if self.rollouts is not None:
+            await self.rollouts.tick(t)
         gauges.update(self, t)
         th = self.thresholds
         conditions = [
@@ -224,6 +256,7 @@ class Monitor(Service):
             *rules.accuracy_drop(self.latest["accuracy"], th),
             *rules.saturation(self.triton, th),
             *self.drops.conditions(gauges.dropped_totals(self), t, th),
+            *(self.rollouts.conditions(t) if self.rollouts is not None else []),
         ]
         changed = self.alerts.evaluate(conditions, t)
         if self._notifier is not None:

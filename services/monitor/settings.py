@@ -52,6 +52,18 @@ class MonitorSettings(CommonSettings):
         "POST fired/resolved alerts here (Alertmanager webhook format; a URL ending in "
         "/api/v2/alerts gets Alertmanager's API format).",
     )
+    rollout_enabled: bool = _f(
+        "rollout_enabled", True, "Run the rollout controller: judge running rollouts, advance, promote, roll back."
+    )
+    rollback_alert_hold_s: float = _f(
+        "rollback_alert_hold_s", 900.0, "How long LoomRolloutRolledBack fires after an automatic rollback."
+    )
+    rollout_min_output_samples: int = _f(
+        "rollout_min_output_samples", 200, "Output scores per version before a rollout's output PSI counts."
+    )
+    version_samples: int = _f(
+        "version_samples", 2000, "Output scores and shadow agreements kept per model version (and feature)."
+    )
     memory_limit_mb: int = _f(
         "memory_limit_mb", 512, "The memory the monitor is sized for with the buffer limits above (documented bound)."
     )

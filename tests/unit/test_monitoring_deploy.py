@@ -32,6 +32,7 @@ CONTRACT_ALERTS = {
     "LoomSLOBurn": "warning",
     "LoomResourceSaturation": "warning",
     "LoomMonitorDropping": "warning",
+    "LoomRolloutRolledBack": "P2",
 }
 
 # Every metric name Loom, its monitor and Triton export (the contract's list), plus Prometheus' own.
@@ -73,6 +74,10 @@ KNOWN_METRICS = {
     "loom_telemetry_dropped_total",
     "loom_subscription_pending",
     "loom_nats_slow_consumer_drops_total",
+    "loom_rollout_decisions_total",
+    "loom_rollout_step",
+    "loom_route_total",
+    "loom_shadow_total",
     "ALERTS",
     "up",
 } | {f"{name}{suffix}" for name in _HISTOGRAMS for suffix in ("_bucket", "_count", "_sum")}

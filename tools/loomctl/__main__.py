@@ -8,27 +8,22 @@ import json
 import mimetypes
 import os
 import shutil
+import socket
 import sys
 import time
-import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from tools.loomctl import render
-from tools.loomctl.client import ApiError, JsonClient
+from tools.loomctl import admin, render
+from tools.loomctl.client import ApiError
+from tools.loomctl.common import EXIT_FAILED, EXIT_USAGE, Command, UsageError, as_dict, client, out, pair, quote
 
 DEFAULT_GATEWAY = "http://127.0.0.1:8080"
 DEFAULT_MONITOR = "http://127.0.0.1:8090"
 WAIT_POLL_S = 0.25
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-
-Command = Callable[[argparse.Namespace], int]
-
-
-class UsageError(Exception):
-    """Bad arguments that argparse cannot see (a malformed ``name=value``, an unreadable file)."""
+#: Requests with the same key reach the same model version (canary, experiment arms).
+ROUTE_KEY_HEADER = "x-loom-route-key"
 
 
 def _number(raw: str, *, zero_ok: bool) -> float:
@@ -55,36 +50,11 @@ def _millis(raw: str) -> int:
     return int(raw)
 
 
-def _client(args: argparse.Namespace, name: str) -> JsonClient:
-    url = getattr(args, name)
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise UsageError(f"--{name} must be an http:// or https:// URL, got {url!r}")
-    return JsonClient(name, url, args.timeout)
-
-
-def _dict(body: Any, what: str) -> dict[str, Any]:
-    if not isinstance(body, dict):
-        raise ApiError(f"unexpected answer for {what}: expected a JSON object")
-    return body
-
-
-def _out(lines: list[str]) -> None:
-    print("\n".join(lines))
-
-
-def _pair(item: str, what: str) -> tuple[str, str]:
-    name, sep, value = item.partition("=")
-    if not sep or not name:
-        raise UsageError(f"{what}: expected name=value, got {item!r}")
-    return name, value
-
-
 # --- commands -----------------------------------------------------------------------------------
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    gateway, monitor = _client(args, "gateway"), _client(args, "monitor")
+    gateway, monitor = client(args, "gateway"), client(args, "monitor")
     try:
         reply = gateway.fetch("GET", "/readyz", check=False)
         ready = isinstance(reply.body, dict) and reply.body.get("ready") is True
@@ -93,7 +63,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         ready, state = False, f"DOWN ({exc})"
     print(f"gateway  {gateway.base_url}  {state}")
     try:
-        dash = _dict(monitor.get("/v1/dashboard"), "/v1/dashboard")
+        dash = as_dict(monitor.get("/v1/dashboard"), "/v1/dashboard")
     except ApiError as exc:
         print(f"monitor  {monitor.base_url}  DOWN ({exc})")
         return EXIT_FAILED
@@ -104,7 +74,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(render.triton_line((dash.get("models") or {}).get("triton")))
     print()
     pipelines = dash.get("pipelines") or []
-    _out(render.pipelines_table(pipelines) if pipelines else ["no pipeline has had traffic yet"])
+    out(render.pipelines_table(pipelines) if pipelines else ["no pipeline has had traffic yet"])
     return 0 if ready else EXIT_FAILED
 
 
@@ -119,9 +89,9 @@ def _predict_inputs(args: argparse.Namespace) -> dict[str, Any]:
     if args.text is not None:
         put("text", args.text)
     for item in args.inputs:
-        put(*_pair(item, "input"))
+        put(*pair(item, "input"))
     for item in args.file:
-        name, path = _pair(item, "--file")
+        name, path = pair(item, "--file")
         try:
             data = Path(path).read_bytes()
         except OSError as exc:
@@ -137,7 +107,7 @@ def _predict_inputs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    gateway = _client(args, "gateway")
+    gateway = client(args, "gateway")
     body: dict[str, Any] = {"inputs": _predict_inputs(args)}
     if args.timeout_ms:
         body["timeout_ms"] = args.timeout_ms
@@ -147,8 +117,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         body["bypass_cache"] = True
     # The mesh's own deadline ends the call; the socket waits a little longer so that its answer arrives.
     wait_s = max(args.timeout, (args.timeout_ms or 10_000) / 1000 + 2)
-    path = f"/v1/pipelines/{urllib.parse.quote(args.pipeline, safe='')}:predict"
-    answer = _dict(gateway.post(path, body, timeout=wait_s), "predict")
+    path = f"/v1/pipelines/{quote(args.pipeline)}:predict"
+    headers = {ROUTE_KEY_HEADER: args.route_key} if args.route_key else None
+    answer = as_dict(gateway.post(path, body, timeout=wait_s, headers=headers), "predict")
     if args.quiet:
         topics = answer.get("topics") or []
         print(answer.get("request_id", "-"), topics[0].get("label", "-") if topics else "-")
@@ -158,24 +129,24 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    models = _dict(_client(args, "monitor").get("/v1/dashboard"), "/v1/dashboard").get("models") or {}
+    models = as_dict(client(args, "monitor").get("/v1/dashboard"), "/v1/dashboard").get("models") or {}
     if args.json:
         print(json.dumps(models, indent=2))
         return 0
     print(render.triton_line(models.get("triton")))
     print()
     versions = models.get("versions") or []
-    _out(render.models_table(versions) if versions else ["no model version has been seen yet"])
+    out(render.models_table(versions) if versions else ["no model version has been seen yet"])
     return 0
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
-    monitor = _client(args, "monitor")
-    path = "/v1/traces/" + urllib.parse.quote(args.id, safe="")
+    monitor = client(args, "monitor")
+    path = "/v1/traces/" + quote(args.id)
     deadline = time.monotonic() + args.wait
     while True:
         try:
-            doc = _dict(monitor.get(path), path)
+            doc = as_dict(monitor.get(path), path)
             break
         except ApiError as exc:
             left = deadline - time.monotonic()
@@ -189,20 +160,20 @@ def cmd_trace(args: argparse.Namespace) -> int:
         print(json.dumps(doc, indent=2))
         return 0
     width = max(render.MIN_WIDTH, shutil.get_terminal_size((render.MIN_WIDTH, 24)).columns)
-    _out(render.waterfall(doc, width))
+    out(render.waterfall(doc, width))
     return 0
 
 
 def cmd_alerts(args: argparse.Namespace) -> int:
     state = "all" if args.all else "active"
-    body = _dict(_client(args, "monitor").get("/v1/alerts", query={"state": state}), "/v1/alerts")
+    body = as_dict(client(args, "monitor").get("/v1/alerts", query={"state": state}), "/v1/alerts")
     alerts = body.get("alerts") or []
     if args.json:
         print(json.dumps(alerts, indent=2))
     elif not alerts:
         print("no alerts" if args.all else "no active alerts")
     else:
-        _out(render.alerts_table(alerts, time.time() * 1000))
+        out(render.alerts_table(alerts, time.time() * 1000))
     return 0
 
 
@@ -212,7 +183,7 @@ def cmd_feedback(args: argparse.Namespace) -> int:
         body["label"] = args.label
     else:
         body["correct"] = bool(args.correct)
-    answer = _client(args, "gateway").post("/v1/feedback", body)
+    answer = client(args, "gateway").post("/v1/feedback", body)
     if isinstance(answer, dict) and answer.get("accepted") is True:
         print(f"feedback on {args.pipeline}/{args.request_id}: accepted")
         return 0
@@ -221,20 +192,20 @@ def cmd_feedback(args: argparse.Namespace) -> int:
 
 
 def cmd_drift(args: argparse.Namespace) -> int:
-    features = _dict(_client(args, "monitor").get("/v1/drift"), "/v1/drift").get("features") or []
+    features = as_dict(client(args, "monitor").get("/v1/drift"), "/v1/drift").get("features") or []
     if args.json:
         print(json.dumps(features, indent=2))
     else:
-        _out(render.drift_table(features) if features else ["no drift data yet"])
+        out(render.drift_table(features) if features else ["no drift data yet"])
     return 0
 
 
 def cmd_accuracy(args: argparse.Namespace) -> int:
-    rows = _dict(_client(args, "monitor").get("/v1/accuracy"), "/v1/accuracy").get("accuracy") or []
+    rows = as_dict(client(args, "monitor").get("/v1/accuracy"), "/v1/accuracy").get("accuracy") or []
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
-        _out(render.accuracy_table(rows) if rows else ["no accuracy yet: it needs feedback (loomctl feedback ...)"])
+        out(render.accuracy_table(rows) if rows else ["no accuracy yet: it needs feedback (loomctl feedback ...)"])
     return 0
 
 
@@ -251,6 +222,9 @@ def _add_globals(p: argparse.ArgumentParser, defaults: Mapping[str, Any] | None)
     p.add_argument("--gateway", metavar="URL", default=default("gateway"), help=f"env LOOM_GATEWAY_URL{shown}")
     p.add_argument("--monitor", metavar="URL", default=default("monitor"), help=f"env LOOM_MONITOR_URL{shown}")
     p.add_argument("--timeout", metavar="S", type=_positive, default=default("timeout"), help=f"HTTP timeout, s{shown}")
+    p.add_argument(
+        "--actor", metavar="WHO", default=default("actor"), help=f"who acts, for the audit log (env LOOM_ACTOR){shown}"
+    )
 
 
 def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
@@ -258,6 +232,8 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         "gateway": env.get("LOOM_GATEWAY_URL") or DEFAULT_GATEWAY,
         "monitor": env.get("LOOM_MONITOR_URL") or DEFAULT_MONITOR,
         "timeout": 10.0,
+        "actor": env.get("LOOM_ACTOR")
+        or f"{env.get('USER') or env.get('LOGNAME') or 'unknown'}@{socket.gethostname()}",
     }
     parser = argparse.ArgumentParser(prog="loomctl", description="Operate a running Loom mesh over HTTP.")
     _add_globals(parser, defaults)
@@ -279,10 +255,16 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     p.add_argument("--timeout-ms", metavar="N", type=_millis, default=0, help="deadline (0: the pipeline's)")
     p.add_argument("--request-id", metavar="ID", help="the id to label the answer with")
     p.add_argument("--bypass-cache", action="store_true", help="skip the inference cache")
+    p.add_argument("--route-key", metavar="KEY", help="sticky routing key: the same key reaches the same model version")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the request id and the top topic")
 
-    p = command("models", cmd_models, "model versions (ready, traffic share, latency) and Triton")
-    p.add_argument("--json", action="store_true", help="print the monitor's JSON")
+    p = command(
+        "models",
+        cmd_models,
+        "the model registry (list, show, register, retire); with no subcommand (or stats): live traffic per version",
+    )
+    p.add_argument("--json", action="store_true", help="print the JSON")
+    admin.add_models_commands(p, cmd_models, lambda q: _add_globals(q, None))
 
     p = command("trace", cmd_trace, "the waterfall of one request: every hop, its service, duration and queue wait")
     p.add_argument("id", help="a request id or a trace id")
@@ -306,6 +288,8 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
 
     p = command("accuracy", cmd_accuracy, "accuracy from feedback per pipeline and model version")
     p.add_argument("--json", action="store_true", help="print the monitor's JSON")
+
+    admin.add_commands(command, lambda q: _add_globals(q, None))
     return parser
 
 
@@ -322,13 +306,14 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # argparse: 2 after a usage error, 0 after --help
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     func: Command = args.func
+    name = getattr(args, "label", args.command)  # "models show", "rollout start", ...
     try:
         return func(args)
     except UsageError as exc:
-        print(f"loomctl {args.command}: error: {exc}", file=sys.stderr)
+        print(f"loomctl {name}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except ApiError as exc:
-        print(f"loomctl {args.command}: {exc}", file=sys.stderr)
+        print(f"loomctl {name}: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 130

@@ -60,10 +60,12 @@ def _error_text(body: Any, raw: bytes) -> tuple[str, str]:
 class JsonClient:
     """GET and POST JSON against one service. ``name`` ("monitor", "gateway") goes into the messages."""
 
-    def __init__(self, name: str, base_url: str, timeout: float) -> None:
+    def __init__(self, name: str, base_url: str, timeout: float, headers: Mapping[str, str] | None = None) -> None:
         self.name = name
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
+        #: Sent with every call (e.g. ``x-loom-actor``).
+        self.headers = dict(headers or {})
 
     def url(self, path: str, query: Mapping[str, str | int] | None = None) -> str:
         url = self.base_url + path
@@ -80,11 +82,12 @@ class JsonClient:
         query: Mapping[str, str | int] | None = None,
         timeout: float | None = None,
         check: bool = True,
+        headers: Mapping[str, str] | None = None,
     ) -> Reply:
         """One call. :class:`ApiError` if no answer came, or (``check``) if the answer is an HTTP error."""
         limit = self.timeout if timeout is None else timeout
         data = None if body is None else json.dumps(body).encode()
-        headers = {"Accept": "application/json"}
+        headers = {"Accept": "application/json", **self.headers, **(headers or {})}
         if data is not None:
             headers["Content-Type"] = "application/json"
         req = urllib.request.Request(self.url(path, query), data=data, headers=headers, method=method)
@@ -110,5 +113,13 @@ class JsonClient:
     def get(self, path: str, *, query: Mapping[str, str | int] | None = None, timeout: float | None = None) -> Any:
         return self.fetch("GET", path, query=query, timeout=timeout).body
 
-    def post(self, path: str, body: Any, *, timeout: float | None = None) -> Any:
-        return self.fetch("POST", path, body, timeout=timeout).body
+    def post(
+        self, path: str, body: Any, *, timeout: float | None = None, headers: Mapping[str, str] | None = None
+    ) -> Any:
+        return self.fetch("POST", path, body, timeout=timeout, headers=headers).body
+
+    def put(self, path: str, body: Any) -> Any:
+        return self.fetch("PUT", path, body).body
+
+    def delete(self, path: str) -> Any:
+        return self.fetch("DELETE", path).body

