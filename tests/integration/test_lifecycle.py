@@ -161,6 +161,7 @@ def test_ninety_ten_split_is_sticky_and_shadow_sees_every_request(life: Mesh) ->
     assert all(status == 200 for status, _ in answers), [b for s, b in answers if s != 200][:3]
     versions = [version_of(body) for _, body in answers]
     share = Counter(versions)["2"] / len(versions) * 100
+    print(f"canary share over {len(versions)} requests: {share:.2f} %")
     assert abs(share - 10) <= 3, share
     # The route is the hash bucket of the key: exactly the keys below 10 went to the canary.
     assert all((v == "2") == (bucket("minilm", k) < 10) for k, v in zip(keys, versions, strict=True))

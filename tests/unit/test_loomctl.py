@@ -351,7 +351,7 @@ def test_predict_sends_json_with_base64_files(server: FakeServer, tmp_path, caps
     image = tmp_path / "photo.png"
     image.write_bytes(b"\x89PNG fake")
     argv = ["--gateway", server.url, "predict", "content", "--text", "rates rose", "--file", f"image={image}"]
-    assert main([*argv, "--timeout-ms", "2000", "--request-id", "r-7"]) == 0
+    assert main([*argv, "--timeout-ms", "2000", "--request-id", "r-7", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == answer
     assert server.calls[0][2] == {
         "inputs": {"text": "rates rose", "image": {"b64": "iVBORyBmYWtl", "content_type": "image/png"}},
@@ -360,6 +360,21 @@ def test_predict_sends_json_with_base64_files(server: FakeServer, tmp_path, caps
     }
     assert main([*argv, "-q"]) == 0
     assert capsys.readouterr().out == "r-7 finance\n"
+
+
+def test_predict_prints_a_summary_naming_each_version_and_route(server: FakeServer, capsys) -> None:
+    answer = {
+        "request_id": "r-8",
+        "trace_id": TRACE_ID,
+        "outputs": {"text": {"model": "minilm", "model_version": "2", "labels": [{"label": "sports", "score": 0.61}]}},
+        "notes": {"text/inference.route": "canary"},
+        "timings_ms": {"gateway_total": 12.34},
+    }
+    server.routes[("POST", "/v1/pipelines/embed:predict")] = (200, answer)
+    assert main(["--gateway", server.url, "predict", "embed", "--text", "goal"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["request", "r-8", "trace", TRACE_ID]
+    assert out[1] == "text     minilm v2 (canary)  labels sports 0.61" and out[2] == "took     12.3 ms"
 
 
 def test_status_and_api_errors(server: FakeServer, capsys: pytest.CaptureFixture[str]) -> None:

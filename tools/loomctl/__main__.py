@@ -123,8 +123,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.quiet:
         topics = answer.get("topics") or []
         print(answer.get("request_id", "-"), topics[0].get("label", "-") if topics else "-")
-    else:
+    elif args.json:
         print(render.pretty_json(answer))
+    else:
+        print(render.answer_summary(answer))
     return 0
 
 
@@ -257,6 +259,7 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     p.add_argument("--bypass-cache", action="store_true", help="skip the inference cache")
     p.add_argument("--route-key", metavar="KEY", help="sticky routing key: the same key reaches the same model version")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the request id and the top topic")
+    p.add_argument("--json", action="store_true", help="print the whole answer as JSON")
 
     p = command(
         "models",

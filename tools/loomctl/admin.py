@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tools.loomctl import admin_render
+from tools.loomctl.client import ApiError
 from tools.loomctl.common import Command, UsageError, as_dict, client, out, quote
 
 ADMIN = "/v1/admin"
@@ -225,12 +226,32 @@ def cmd_rollout_status(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(status)
         return 0
-    lines = admin_render.rollout_lines(status.get("current"))
+    current = status.get("current")
+    live = _live_analysis(args, current)
+    if live is not None and isinstance(current, dict):
+        # The registry keeps analyses as verdicts change; the monitor has this evaluation's.
+        current = {**current, "analysis": [*(current.get("analysis") or []), live]}
+    lines = admin_render.rollout_lines(current)
     history = status.get("history") or []
     if history:
         lines += ["", "finished rollouts (newest first)", *admin_render.history_table(history)]
     out(lines)
     return 0
+
+
+def _live_analysis(args: argparse.Namespace, current: object) -> dict[str, Any] | None:
+    """The monitor's latest analysis of ``current`` when it is running and the monitor answers; else None."""
+    if not isinstance(current, dict) or current.get("state") != "running":
+        return None
+    try:
+        rows = as_dict(client(args, "monitor").get("/v1/rollouts"), "/v1/rollouts").get("rollouts") or []
+    except ApiError:
+        return None  # the registry's analysis is shown instead
+    for row in rows:
+        rollout, analysis = row.get("rollout") or {}, row.get("analysis")
+        if rollout.get("id") == current.get("id") and isinstance(analysis, dict):
+            return analysis
+    return None
 
 
 def _rollout_action(action: str) -> Command:

@@ -282,3 +282,34 @@ def _axis(total: float, cells: int) -> str:
         inner[start : start + len(mid)] = mid
     inner[cells - len(right) :] = right
     return "|" + "".join(inner)[:cells] + "|"
+
+
+def _labels(labels: Any, n: int = 3) -> str:
+    rows = [f"{lab.get('label', '?')} {float(lab.get('score', 0.0)):.2f}" for lab in (labels or [])[:n]]
+    return ", ".join(rows) or "-"
+
+
+def answer_summary(answer: dict[str, Any]) -> str:
+    """A predict answer for people: ids, fused topics, and per output its model version, route and result."""
+    lines = [f"request  {answer.get('request_id', '-')}   trace {answer.get('trace_id', '-')}"]
+    if answer.get("degraded"):
+        lines.append(f"DEGRADED: missing {', '.join(answer.get('missing') or []) or '-'}")
+    if answer.get("topics"):
+        lines.append(f"topics   {_labels(answer['topics'])}")
+    notes = answer.get("notes") or {}
+    for name, out in sorted((answer.get("outputs") or {}).items()):
+        route = notes.get(f"{name}/inference.route")
+        served = f"{out.get('model', '?')} v{out.get('model_version') or '?'}" + (f" ({route})" if route else "")
+        if "ocr" in out:
+            what = f"{len(out['ocr'])} lines: {str(out.get('text', ''))[:60]!r}; topics {_labels(out.get('topics'))}"
+        elif "speech_segments" in out:
+            what = f"{len(out['speech_segments'])} speech segments, speech {float(out.get('speech_ratio', 0)):.0%}"
+        else:
+            what = f"labels {_labels(out.get('labels'))}"
+        lines.append(f"{name:<8} {served}  {what}")
+    for name, err in sorted((answer.get("errors") or {}).items()):
+        lines.append(f"{name:<8} error {err.get('code', '?')}: {err.get('message', '')}")
+    total = (answer.get("timings_ms") or {}).get("gateway_total")
+    if total is not None:
+        lines.append(f"took     {float(total):.1f} ms")
+    return "\n".join(lines)
