@@ -67,7 +67,16 @@ async def test_request_reply_and_error_headers(nats_server: NatsHandle) -> None:
 
         await server.subscribe("loom.test.echo", handler, queue="echo")
         await server.nc.flush()
-        reply = await client.request("loom.test.echo", b"hello", timeout=5)
+        # Once (1 in ~600 runs) the very first request met "no responders" right after the flush
+        # on a loaded machine; the first request may retry briefly, every later one must not.
+        for attempt in range(20):
+            try:
+                reply = await client.request("loom.test.echo", b"hello", timeout=5)
+                break
+            except Unavailable:
+                if attempt == 19:
+                    raise
+                await asyncio.sleep(0.1)
         assert reply.data == b"HELLO"
         with pytest.raises(InvalidArgument, match="bad input"):
             await client.request("loom.test.echo", b"bad", timeout=5)
