@@ -274,3 +274,30 @@ def test_short_texts_go_to_the_light_version_and_the_answer_says_so(life: Mesh) 
     assert long["notes"]["text/inference.route"] == "stable", long["notes"]
     after = metric(life.http_url("inference"), "loom_route_total", model="minilm", version="4", reason="rule:short")
     assert after - before == 1
+
+
+def test_ab_experiment_splits_by_key_and_counts_each_arm(life: Mesh) -> None:
+    loomctl(life, "traffic", "set", "minilm", "--stable", "2", "--experiment", "ab", "--arm", "2=50", "--arm", "4=50")
+    inference = life.http_url("inference")
+    before = {v: metric(inference, "loom_route_total", model="minilm", version=v, reason="arm:ab") for v in ("2", "4")}
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda i: ask(life, f"ab{i}", i), range(300)))
+    assert all(status == 200 for status, _ in answers)
+    arms = Counter(version_of(body) for _, body in answers)
+    assert set(arms) == {"2", "4"} and all(90 <= n <= 210 for n in arms.values()), arms
+    assert {body["notes"]["text/inference.route"] for _, body in answers} == {"arm:ab"}
+    for version in ("2", "4"):  # per-arm counts, as Prometheus sees them
+        seen = metric(inference, "loom_route_total", model="minilm", version=version, reason="arm:ab")
+        assert seen - before[version] == arms[version]
+
+    # The monitor's per-version view has both arms with their own latency.
+    def both_arms() -> dict[str, dict[str, Any]]:
+        _, doc = http_json(f"{life.monitor_http}/v1/versions?window_s=30")
+        rows = {r["version"]: r for r in doc["versions"] if r["model"] == "minilm"}
+        assert all(rows.get(v, {}).get("requests", 0) >= arms[v] and rows[v]["p95_ms"] for v in ("2", "4")), rows
+        return rows
+
+    rows = eventually(both_arms, timeout=15)
+    print({v: (rows[v]["requests"], rows[v]["p95_ms"]) for v in ("2", "4")})
