@@ -4,7 +4,9 @@ Entries go to the JetStream stream ``LOOM_AUDIT`` (file storage), created with
 ``deny_delete`` and ``deny_purge``: once written, an entry cannot be removed
 through the NATS API, only aged out by the size limit (oldest first). A service
 refuses to start against an existing stream that allows either, because its
-entries could then vanish without trace.
+entries could then vanish without trace. Because they cannot be removed, PII
+never goes in: the actor, target, result, details and source of every entry
+are masked (:func:`services.common.pii.mask_value`) before it is written.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from nats.js.errors import BadRequestError, NotFoundError
 
 from services.common.bus import Bus
 from services.common.errors import FailedPrecondition, InvalidArgument
+from services.common.pii import mask, mask_value
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +40,11 @@ _ACTION = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _masked_str(value: object) -> str:
+    """What JSON cannot hold (a datetime, a model) goes in as its masked ``str``."""
+    return mask(str(value))
 
 
 def matches(target: str, prefix: str) -> bool:
@@ -103,20 +111,23 @@ class AuditLog:
         details: Mapping[str, object] | None = None,
         source: str = "",
     ) -> int:
-        """Append one entry on ``loom.audit.<first token of action>``; returns its stream sequence."""
+        """Append one entry on ``loom.audit.<first token of action>``; returns its stream sequence.
+
+        Everything but the action and the time is masked for PII first (keys of ``details`` too).
+        """
         if not _ACTION.match(action):
             raise InvalidArgument(f"audit action {action!r} must be dotted words like rollout.start")
         entry = {
             "time": _now(),
-            "actor": actor,
+            "actor": mask(actor),
             "action": action,
-            "target": target,
-            "result": result,
-            "details": dict(details or {}),
-            "source": source,
+            "target": mask(target),
+            "result": mask(result),
+            "details": mask_value(dict(details or {})),
+            "source": mask(source),
             "service": self.service,
         }
-        payload = json.dumps(entry, default=str, separators=(",", ":")).encode()
+        payload = json.dumps(entry, default=_masked_str, separators=(",", ":")).encode()
         ack = await self.js.publish(SUBJECT_PREFIX + action.split(".", 1)[0], payload, stream=STREAM)
         return int(ack.seq)
 

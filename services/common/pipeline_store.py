@@ -90,6 +90,12 @@ class PipelineStore:
         """Validate ``text`` and store it; raises InvalidArgument, leaving the stored spec alone."""
         spec = parse_spec(text, name=name)
         revision = await self.kv.put(spec.name, to_yaml(spec).encode())
+        # This service serves the new spec before the caller hears "stored" (the watch is asynchronous);
+        # the other services follow within the watch's delay.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(5.0):
+                while self.registry.find(spec.name) != spec:
+                    await asyncio.sleep(0.005)
         return spec, revision
 
     async def read(self, name: str) -> tuple[str, int]:

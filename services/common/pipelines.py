@@ -83,6 +83,10 @@ class PipelineSpec(BaseModel):
     deadline_ms: int | None = Field(None, gt=0, le=600_000)
     fusion: FusionSpec = FusionSpec()
     slo: SloSpec = SloSpec()
+    #: Mask PII (phone numbers, e-mail addresses, resident IDs, card numbers) in the text the
+    #: answer returns: OCR lines and an image's text (:mod:`services.common.pii`). Logs, spans,
+    #: telemetry and the audit log are masked whatever this says.
+    mask_pii: bool = False
 
     @field_validator("inputs")
     @classmethod

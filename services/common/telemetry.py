@@ -4,6 +4,11 @@ Spans go over OTLP/gRPC to ``OTEL_EXPORTER_OTLP_ENDPOINT`` when it is set (the
 standard variable, so a real collector needs nothing else), otherwise to the
 Loom monitor at ``LOOM_OTLP_ENDPOINT`` (empty: no OTLP), and/or to a JSON-lines
 file when ``LOOM_TRACES_FILE`` is set.
+
+PII never leaves a process through either: every exporter is wrapped in
+:class:`MaskingSpanExporter` (span attributes, event and link attributes and
+the status message go through :func:`services.common.pii.mask`), and the log
+handler masks each formatted record (:class:`services.common.pii.MaskingFilter`).
 """
 
 from __future__ import annotations
@@ -18,8 +23,12 @@ from typing import Any
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import Event, ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.trace import Link, Status
+from opentelemetry.util.types import Attributes
+
+from services.common.pii import MaskingFilter, mask
 
 TRACEPARENT = "traceparent"
 
@@ -39,6 +48,74 @@ class JsonLinesSpanExporter(SpanExporter):
 
     def shutdown(self) -> None:
         return None
+
+
+def _mask_attributes(attributes: Attributes) -> tuple[Attributes, bool]:
+    """(masked attributes, whether any changed); strings and sequences of strings are masked."""
+    if not attributes:
+        return attributes, False
+    out: dict[str, Any] = {}
+    changed = False
+    for key, value in attributes.items():
+        if isinstance(value, str):
+            new: Any = mask(value)
+        elif isinstance(value, tuple | list) and any(isinstance(v, str) for v in value):
+            new = tuple(mask(v) if isinstance(v, str) else v for v in value)
+        else:
+            new = value
+        changed = changed or new != value
+        out[key] = new
+    return out, changed
+
+
+def mask_span(span: ReadableSpan) -> ReadableSpan:
+    """``span`` with PII masked in its attributes, events, links and status; ``span`` itself when it has none."""
+    attributes, changed = _mask_attributes(span.attributes)
+    events = []
+    for event in span.events:
+        event_attributes, event_changed = _mask_attributes(event.attributes)
+        changed = changed or event_changed
+        events.append(Event(event.name, event_attributes, event.timestamp) if event_changed else event)
+    links = []
+    for link in span.links:
+        link_attributes, link_changed = _mask_attributes(link.attributes)
+        changed = changed or link_changed
+        links.append(Link(link.context, link_attributes) if link_changed else link)
+    status = span.status
+    if status.description and mask(status.description) != status.description:
+        status, changed = Status(status.status_code, mask(status.description)), True
+    if not changed:
+        return span
+    return ReadableSpan(
+        name=span.name,
+        context=span.context,
+        parent=span.parent,
+        resource=span.resource,
+        attributes=attributes,
+        events=events,
+        links=links,
+        kind=span.kind,
+        status=status,
+        start_time=span.start_time,
+        end_time=span.end_time,
+        instrumentation_scope=span.instrumentation_scope,
+    )
+
+
+class MaskingSpanExporter(SpanExporter):
+    """Masks PII in each span (:func:`mask_span`) before handing it to ``inner``."""
+
+    def __init__(self, inner: SpanExporter) -> None:
+        self.inner = inner
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        return self.inner.export([mask_span(s) for s in spans])
+
+    def shutdown(self) -> None:
+        self.inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self.inner.force_flush(timeout_millis)
 
 
 def span_to_dict(span: ReadableSpan) -> dict[str, Any]:
@@ -70,14 +147,15 @@ def setup_tracing(
     if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        provider.add_span_processor(BatchSpanProcessor(MaskingSpanExporter(OTLPSpanExporter())))
     elif otlp_endpoint:
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
         exporter = OTLPSpanExporter(endpoint=otlp_endpoint, insecure=otlp_endpoint.startswith("http://"), timeout=5)
-        provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=500))
+        provider.add_span_processor(BatchSpanProcessor(MaskingSpanExporter(exporter), schedule_delay_millis=500))
     if traces_file:
-        provider.add_span_processor(BatchSpanProcessor(JsonLinesSpanExporter(traces_file), schedule_delay_millis=200))
+        file_exporter = MaskingSpanExporter(JsonLinesSpanExporter(traces_file))
+        provider.add_span_processor(BatchSpanProcessor(file_exporter, schedule_delay_millis=200))
     trace.set_tracer_provider(provider)
     return provider
 
@@ -104,8 +182,10 @@ class _TraceIdFilter(logging.Filter):
 
 
 def setup_logging(service: str, level: str, replica_id: str = "") -> None:
+    """One stderr handler on the root logger: trace id on every line, PII masked in every record."""
     handler = logging.StreamHandler()
     handler.addFilter(_TraceIdFilter())
+    handler.addFilter(MaskingFilter())
     handler.setFormatter(
         logging.Formatter(f"%(asctime)s %(levelname)s {replica_id or service} %(name)s trace=%(trace_id)s %(message)s")
     )

@@ -31,6 +31,7 @@ from services.common.envelope import now_ms
 from services.common.lifecycle import Runtime, Service
 from services.common.pb.loom.v1 import envelope_pb2 as pb
 from services.common.pb.loom.v1 import monitor_pb2
+from services.common.pii import mask
 from services.common.pipelines import SloSpec
 from services.common.registry.store import RegistryStore
 from services.common.telemetry import extract
@@ -209,7 +210,7 @@ class Monitor(Service):
             fb = _parse_feedback(msg.data)
             result = self.accuracy.feedback(
                 fb.pipeline or pipeline,
-                fb.request_id,
+                mask(fb.request_id),  # the answer's telemetry carries its request id masked
                 fb.label or None,
                 fb.correct if fb.HasField("correct") else None,
                 now_ms(),

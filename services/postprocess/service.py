@@ -7,7 +7,10 @@
   no text, the rest of that chain is skipped
 * ``loom.post.vad``    speech probabilities -> speech segments and ratio (AudioOutput)
 
-Every labelled part also carries all its label scores for late fusion.
+Every labelled part also carries all its label scores for late fusion. When the
+part's pipeline spec says ``mask_pii``, the OCR text is masked
+(:func:`services.common.pii.mask`) before it goes into the answer or on down
+the chain.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from services.common import envelope, subjects
 from services.common.errors import InvalidArgument
 from services.common.lifecycle import Runtime, Service
 from services.common.pb.loom.v1 import envelope_pb2 as pb
+from services.common.pii import mask
+from services.common.pipelines import PipelineRegistry
 from services.common.stage import StageRunner, Stats
 from services.common.tensors import tensor_to_strings, to_numpy
 from services.postprocess.bootstrap import embed_labels
@@ -45,8 +50,11 @@ class Postprocess(Service):
         super().__init__(settings)
         self.post = settings
         self.index: LabelIndex | None = None
+        #: The pipeline specs, kept current from KV by the runtime (``mask_pii`` is read per part).
+        self.pipelines = PipelineRegistry([])
 
     async def start(self, rt: Runtime) -> None:
+        self.pipelines = rt.pipelines
         self.index = await embed_labels(
             rt.bus, self.post.labels, text_model=self.post.text_model, timeout_s=self.post.startup_timeout_s
         )
@@ -86,8 +94,15 @@ class Postprocess(Service):
             return self._label(part, part.output.image)[1]
         return await self.handle_embed(part)
 
+    def _masks_pii(self, part: pb.Part) -> bool:
+        spec = self.pipelines.find(part.pipeline)
+        return spec is not None and spec.mask_pii
+
     async def handle_ocr(self, part: pb.Part) -> Stats:
         texts = tensor_to_strings(part.tensors["text"]) if "text" in part.tensors else []
+        masking = self._masks_pii(part)
+        if masking:
+            texts = [mask(text) for text in texts]
         scale = (part.context.get(envelope.IMAGE_SCALE_X, 1.0), part.context.get(envelope.IMAGE_SCALE_Y, 1.0))
         lines = ocr_lines(
             texts, _tensor(part, "score"), _tensor(part, "box"), scale=scale, min_score=self.post.ocr_min_score
@@ -96,7 +111,8 @@ class Postprocess(Service):
         out.model, out.model_version = part.model, part.model_version
         for line in lines:
             out.ocr.add(text=line.text, score=line.score, box=list(line.box))
-        out.text = part.text = joined_text(lines)
+        # Masked again once joined: a number OCR split over two boxes is whole only here.
+        out.text = part.text = mask(joined_text(lines)) if masking else joined_text(lines)
         part.ClearField("tensors")
         if not out.text:
             del part.slip[:-1]  # no text: nothing for the text model, straight to fusion
