@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from services.common.launch.mesh import Mesh, free_ports
-from tests.support import NatsHandle, start_nats
+from tests.support import TEST_API_KEY, NatsHandle, auth_env, start_nats, write_keys_file
 
 # The monitor evaluates every second and keeps shorter windows, so its tests run in seconds.
 MONITOR_TEST_ENV = {
@@ -23,9 +23,14 @@ MONITOR_TEST_ENV = {
 
 
 @pytest.fixture(scope="session")
-def mesh(request: pytest.FixtureRequest) -> Iterator[Mesh]:
-    """The whole mesh on free ports, every process writing its spans to a file."""
-    m = Mesh(ports=free_ports(), traces=True, env=MONITOR_TEST_ENV)
+def mesh(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+    """The whole mesh on free ports, every process writing its spans to a file.
+
+    Its gateway takes the tests' admin key, the predict and viewer keys of a keys file, and HS256
+    JWTs signed with the tests' secret (tests/support.py).
+    """
+    keys = write_keys_file(tmp_path_factory.mktemp("auth") / "keys.json")
+    m = Mesh(ports=free_ports(), traces=True, env={**MONITOR_TEST_ENV, **auth_env(keys)}, api_key=TEST_API_KEY)
     try:
         m.start(timeout=240)
         yield m

@@ -1,4 +1,8 @@
-"""Helpers shared by the tests: NATS for one test, gateway clients, metric reads."""
+"""Helpers shared by the tests: NATS for one test, gateway clients (with credentials), metric reads.
+
+Every test mesh's gateway takes :data:`TEST_API_KEY` as its admin key (``Mesh(api_key=...)``),
+and the clients here send it unless told otherwise (``key=None`` sends nothing).
+"""
 
 from __future__ import annotations
 
@@ -16,9 +20,75 @@ from typing import Any
 
 import grpc
 from prometheus_client.parser import text_string_to_metric_families
+from tritonclient._plugin import InferenceServerClientPlugin
 
+from services.common.auth import hash_key
 from services.common.launch.nats_server import NatsServer
 from services.common.pb.loom.v1 import gateway_pb2, gateway_pb2_grpc
+
+# --- credentials ---------------------------------------------------------------------------------
+
+#: The admin key of every test mesh (its LOOM_DEV_API_KEY: id "dev", tenant "dev").
+TEST_API_KEY = "loom_test-admin-key-0123456789abcdefghijklmnop"
+#: Keys of the keys file the shared mesh reads (:func:`write_keys_file`), tenant "acme".
+TEST_PREDICT_KEY = "loom_test-predict-key-0123456789abcdefghijklmn"
+TEST_VIEWER_KEY = "loom_test-viewer-key-0123456789abcdefghijklmno"
+TEST_TENANT = "acme"
+#: The HS256 secret and audience of the shared mesh's bearer JWTs.
+TEST_JWT_SECRET = "loom-test-jwt-secret-0123456789abcdefghijklmnop"
+TEST_JWT_AUDIENCE = "loom-tests"
+
+
+def write_keys_file(path: Path) -> Path:
+    """A keys file holding a predict key and a viewer key (their sha256 only, as in production)."""
+    records = [
+        {"id": "test-predict", "sha256": hash_key(TEST_PREDICT_KEY), "roles": ["predict"], "tenant": TEST_TENANT},
+        {"id": "test-viewer", "sha256": hash_key(TEST_VIEWER_KEY), "roles": ["viewer"], "tenant": TEST_TENANT},
+    ]
+    path.write_text(json.dumps(records))
+    return path
+
+
+def auth_env(keys_file: Path) -> dict[str, str]:
+    """The gateway settings that make it take the keys file and the test JWTs."""
+    return {
+        "LOOM_AUTH_KEYS_FILE": str(keys_file),
+        "LOOM_AUTH_JWT_SECRET": TEST_JWT_SECRET,
+        "LOOM_AUTH_JWT_AUDIENCE": TEST_JWT_AUDIENCE,
+    }
+
+
+def bearer(key: str | None = TEST_API_KEY) -> dict[str, str]:
+    """The HTTP header carrying ``key``; none for None."""
+    return {} if key is None else {"authorization": f"Bearer {key}"}
+
+
+def grpc_auth(key: str | None = TEST_API_KEY) -> tuple[tuple[str, str], ...]:
+    """The gRPC metadata carrying ``key``; none for None."""
+    return tuple(bearer(key).items())
+
+
+class BearerAuth(InferenceServerClientPlugin):  # type: ignore[misc]
+    """tritonclient (gRPC and HTTP) sends ``key`` with every call: ``client.register_plugin(BearerAuth())``."""
+
+    def __init__(self, key: str = TEST_API_KEY) -> None:
+        self.key = key
+
+    def __call__(self, request: Any) -> None:
+        request.headers["authorization"] = f"Bearer {self.key}"
+
+
+class _Metadata(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    def __init__(self, pairs: tuple[tuple[str, str], ...]) -> None:
+        self.pairs = pairs
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(details._replace(metadata=(*(details.metadata or ()), *self.pairs)), request)
+
+
+def gateway_channel(target: str, key: str | None = TEST_API_KEY) -> grpc.Channel:
+    """A channel to the gateway whose unary calls carry ``key``."""
+    return grpc.intercept_channel(grpc.insecure_channel(target), _Metadata(grpc_auth(key)))
 
 
 @dataclass
@@ -59,10 +129,12 @@ def http_json(
     method: str | None = None,
     timeout: float = 30.0,
     headers: dict[str, str] | None = None,
+    key: str | None = TEST_API_KEY,
 ) -> tuple[int, Any]:
+    """One JSON call, with ``key`` as the bearer credential; (status, parsed body) whatever the status."""
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
     req = urllib.request.Request(
-        url, data=data, method=method, headers={"content-type": "application/json", **(headers or {})}
+        url, data=data, method=method, headers={"content-type": "application/json", **bearer(key), **(headers or {})}
     )
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
@@ -72,20 +144,35 @@ def http_json(
 
 
 def predict_http(
-    gateway_http: str, text: str, pipeline: str = "embed", *, headers: dict[str, str] | None = None, **extra: Any
+    gateway_http: str,
+    text: str,
+    pipeline: str = "embed",
+    *,
+    headers: dict[str, str] | None = None,
+    key: str | None = TEST_API_KEY,
+    **extra: Any,
 ) -> tuple[int, Any]:
     return http_json(
-        f"{gateway_http}/v1/pipelines/{pipeline}:predict", {"inputs": {"text": text}, **extra}, headers=headers
+        f"{gateway_http}/v1/pipelines/{pipeline}:predict", {"inputs": {"text": text}, **extra}, headers=headers, key=key
     )
 
 
 def predict_grpc(
-    target: str, text: str, pipeline: str = "embed", timeout: float = 30.0, **fields: Any
+    target: str,
+    text: str,
+    pipeline: str = "embed",
+    timeout: float = 30.0,
+    *,
+    key: str | None = TEST_API_KEY,
+    **fields: Any,
 ) -> gateway_pb2.PredictResponse:
     with grpc.insecure_channel(target) as channel:
         req = gateway_pb2.PredictRequest(pipeline=pipeline, **fields)
         req.inputs["text"].text = text
-        return gateway_pb2_grpc.GatewayStub(channel).Predict(req, timeout=timeout)
+        reply: gateway_pb2.PredictResponse = gateway_pb2_grpc.GatewayStub(channel).Predict(
+            req, timeout=timeout, metadata=grpc_auth(key)
+        )
+        return reply
 
 
 def metric(url: str, name: str, **labels: str) -> float:
@@ -127,14 +214,21 @@ def eventually(check: Callable[[], Any], timeout: float = 10.0, interval: float 
 
 
 def predict_inputs(
-    gateway_http: str, pipeline: str, inputs: dict[str, str | bytes], timeout: float = 60.0, **extra: Any
+    gateway_http: str,
+    pipeline: str,
+    inputs: dict[str, str | bytes],
+    timeout: float = 60.0,
+    *,
+    key: str | None = TEST_API_KEY,
+    **extra: Any,
 ) -> tuple[int, Any]:
     """POST /v1 predict with text as strings and files base64-encoded."""
     body = {
         name: value if isinstance(value, str) else {"b64": base64.b64encode(value).decode()}
         for name, value in inputs.items()
     }
-    return http_json(f"{gateway_http}/v1/pipelines/{pipeline}:predict", {"inputs": body, **extra}, timeout=timeout)
+    url = f"{gateway_http}/v1/pipelines/{pipeline}:predict"
+    return http_json(url, {"inputs": body, **extra}, timeout=timeout, key=key)
 
 
 MODEL_REPOSITORY = Path(__file__).resolve().parents[1] / "deploy" / "triton"

@@ -106,6 +106,18 @@ class AlreadyExists(LoomError):
     code = Code.ALREADY_EXISTS
 
 
+class Unauthenticated(LoomError):
+    """No credentials, or credentials that do not prove who the caller is (unknown key, bad or expired token)."""
+
+    code = Code.UNAUTHENTICATED
+
+
+class PermissionDenied(LoomError):
+    """The caller is known, but none of its roles allows what it asked for."""
+
+    code = Code.PERMISSION_DENIED
+
+
 _BY_CODE: dict[Code, type[LoomError]] = {
     cls.code: cls
     for cls in (
@@ -117,6 +129,8 @@ _BY_CODE: dict[Code, type[LoomError]] = {
         Internal,
         FailedPrecondition,
         AlreadyExists,
+        Unauthenticated,
+        PermissionDenied,
     )
 }
 

@@ -87,9 +87,13 @@ class Service:
         """Register gRPC servicers."""
 
     def add_http(self, app: web.Application) -> None:
-        """Add HTTP routes besides /metrics, /healthz and /readyz."""
+        """Add HTTP routes (and middleware) besides /metrics, /healthz and /readyz."""
 
     def grpc_options(self) -> list[tuple[str, int]]:
+        return []
+
+    def grpc_interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        """Server interceptors, outermost first (the gateway's authentication)."""
         return []
 
     def http_client_max_size(self) -> int:
@@ -136,7 +140,7 @@ async def serve(service: Service) -> None:
         loop.add_signal_handler(sig, stop.set)
 
     service.bind(rt)
-    server = grpc.aio.server(options=service.grpc_options())
+    server = grpc.aio.server(options=service.grpc_options(), interceptors=service.grpc_interceptors())
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     service.add_grpc(server)

@@ -38,3 +38,12 @@ REQUEST_DURATION = Histogram(
     ["pipeline", "protocol"],
     buckets=LATENCY_BUCKETS,
 )
+AUTH_FAILURES = Counter(
+    "loom_auth_failures_total",
+    "Calls the gateway refused (UNAUTHENTICATED, PERMISSION_DENIED), by reason; every one, audited or not.",
+    ["reason"],
+)
+AUTH_AUDIT_SUPPRESSED = Counter(
+    "loom_auth_audit_suppressed_total",
+    "Refused calls not written to the audit log because their source, or all sources together, hit the rate limit.",
+)

@@ -23,7 +23,7 @@ from typing import TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from services.common import envelope, subjects
+from services.common import auth, envelope, subjects
 from services.common.audit import AuditLog
 from services.common.bus import Bus
 from services.common.errors import (
@@ -54,8 +54,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
 
-#: HTTP header and gRPC metadata key naming the caller (authentication arrives later).
-ACTOR = "x-loom-actor"
 ANONYMOUS = "anonymous"
 MAX_ACTOR = 128
 #: The actor of entries the gateway writes on its own (seeding the registry at start).
@@ -101,6 +99,12 @@ def parse(cls: type[M], data: object, what: str) -> M:
 def actor_of(value: str) -> str:
     """The caller's name as given (trimmed, bounded), else ``anonymous``."""
     return value.strip()[:MAX_ACTOR] or ANONYMOUS
+
+
+def caller() -> str:
+    """Who acts: the authenticated principal of this call (an API key's id, a JWT's subject)."""
+    principal = auth.current()
+    return actor_of(principal.name if principal is not None else "")
 
 
 def check_model(model: str) -> str:
@@ -149,6 +153,9 @@ class AdminCore:
         self, action: str, actor: str, target: str, result: str, details: Mapping[str, object] | None = None
     ) -> None:
         """Append one audit entry; a broken audit stream is logged, never hides the action's own outcome."""
+        principal = auth.current()
+        if principal is not None:  # the caller's tenant goes with every entry it causes
+            details = {**(details or {}), "tenant": principal.tenant}
         try:
             await self.audit.append(action, actor=actor, target=target, result=result, details=details)
         except Exception:

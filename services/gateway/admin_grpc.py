@@ -2,8 +2,8 @@
 
 Methods take raw bytes (:func:`services.gateway.edges.grpc_unary`), so a
 malformed message is INVALID_ARGUMENT and every :class:`LoomError` its own
-status with its message; anything else is INTERNAL. The caller names itself
-in the ``x-loom-actor`` metadata (authentication arrives later).
+status with its message; anything else is INTERNAL. The actor of every audit
+entry is the authenticated caller (``services.gateway.access``).
 
 The registry's documents and the protobuf messages share their field names,
 so the conversions below are ``json_format`` both ways. In proto3 an unset
@@ -24,9 +24,8 @@ from google.protobuf.message import Message
 
 from services.common.pb.loom.v1 import admin_pb2 as pb
 from services.common.registry.schema import ModelRecord, Rollout
-from services.gateway.admin import ACTOR, AdminCore, actor_of
+from services.gateway.admin import AdminCore, caller
 from services.gateway.edges import GrpcCall, grpc_unary
-from services.gateway.grpc_api import metadata_value
 
 SERVICE = "loom.v1.Admin"
 
@@ -79,17 +78,15 @@ class AdminGrpc:
         return record_to_proto(await self.admin.get_model(req.model))
 
     async def register_version(self, req: pb.RegisterVersionRequest, ctx: grpc.aio.ServicerContext) -> pb.ModelRecord:
-        rec = await self.admin.register(
-            req.model, req.source, version=req.version, notes=req.notes, actor=self._actor(ctx)
-        )
+        rec = await self.admin.register(req.model, req.source, version=req.version, notes=req.notes, actor=caller())
         return record_to_proto(rec)
 
     async def retire_version(self, req: pb.RetireVersionRequest, ctx: grpc.aio.ServicerContext) -> pb.ModelRecord:
-        return record_to_proto(await self.admin.retire(req.model, req.version, actor=self._actor(ctx)))
+        return record_to_proto(await self.admin.retire(req.model, req.version, actor=caller()))
 
     async def set_traffic(self, req: pb.SetTrafficRequest, ctx: grpc.aio.ServicerContext) -> pb.ModelRecord:
         policy = policy_from_proto(req.policy) if req.HasField("policy") else None
-        return record_to_proto(await self.admin.set_traffic(req.model, policy, actor=self._actor(ctx)))
+        return record_to_proto(await self.admin.set_traffic(req.model, policy, actor=caller()))
 
     async def start_rollout(self, req: pb.StartRolloutRequest, ctx: grpc.aio.ServicerContext) -> pb.Rollout:
         thresholds = _dict(req.thresholds, zeros=False) if req.HasField("thresholds") else None
@@ -98,18 +95,18 @@ class AdminGrpc:
             req.version,
             steps=steps_from_proto(req.steps),
             thresholds=thresholds,
-            actor=self._actor(ctx),
+            actor=caller(),
         )
         return rollout_to_proto(rollout)
 
     async def pause_rollout(self, req: pb.RolloutActionRequest, ctx: grpc.aio.ServicerContext) -> pb.Rollout:
-        return rollout_to_proto(await self.admin.pause_rollout(req.model, req.reason, actor=self._actor(ctx)))
+        return rollout_to_proto(await self.admin.pause_rollout(req.model, req.reason, actor=caller()))
 
     async def resume_rollout(self, req: pb.RolloutActionRequest, ctx: grpc.aio.ServicerContext) -> pb.Rollout:
-        return rollout_to_proto(await self.admin.resume_rollout(req.model, actor=self._actor(ctx)))
+        return rollout_to_proto(await self.admin.resume_rollout(req.model, actor=caller()))
 
     async def abort_rollout(self, req: pb.RolloutActionRequest, ctx: grpc.aio.ServicerContext) -> pb.Rollout:
-        return rollout_to_proto(await self.admin.abort_rollout(req.model, req.reason, actor=self._actor(ctx)))
+        return rollout_to_proto(await self.admin.abort_rollout(req.model, req.reason, actor=caller()))
 
     async def get_rollout(self, req: pb.GetRolloutRequest, _: grpc.aio.ServicerContext) -> pb.RolloutStatus:
         status = await self.admin.rollout_status(req.model)
@@ -119,17 +116,14 @@ class AdminGrpc:
         return out
 
     async def promote(self, req: pb.PromoteRequest, ctx: grpc.aio.ServicerContext) -> pb.ModelRecord:
-        return record_to_proto(await self.admin.promote(req.model, req.version, actor=self._actor(ctx)))
+        return record_to_proto(await self.admin.promote(req.model, req.version, actor=caller()))
 
     async def rollback(self, req: pb.RollbackRequest, ctx: grpc.aio.ServicerContext) -> pb.ModelRecord:
-        return record_to_proto(await self.admin.rollback(req.model, req.reason, actor=self._actor(ctx)))
+        return record_to_proto(await self.admin.rollback(req.model, req.reason, actor=caller()))
 
     async def list_audit(self, req: pb.ListAuditRequest, _: grpc.aio.ServicerContext) -> pb.ListAuditResponse:
         entries = await self.admin.audit_entries(limit=req.limit or 100, model=req.model)
         return pb.ListAuditResponse(entries=[entry_to_proto(e) for e in entries])
-
-    def _actor(self, context: grpc.aio.ServicerContext) -> str:
-        return actor_of(metadata_value(context, ACTOR))
 
     def handler(self) -> grpc.GenericRpcHandler:
         methods: dict[str, tuple[Any, GrpcCall]] = {

@@ -2,9 +2,9 @@
 
 Records are ``ModelRecord.model_dump(mode="json")``; errors are the gateway's
 ``{"error": {"code", "message"}}`` with the status of Loom's error table (a
-malformed body is 400 and says what is wrong). The caller names itself in the
-``x-loom-actor`` header. A body refused here, before the core sees it, is
-audited as a refused attempt all the same.
+malformed body is 400 and says what is wrong). The actor of every audit entry
+is the authenticated caller (``services.gateway.access``). A body refused here,
+before the core sees it, is audited as a refused attempt all the same.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict
 
 from services.common.errors import InvalidArgument, LoomError
-from services.gateway.admin import ACTOR, AdminCore, actor_of, parse
+from services.gateway.admin import AdminCore, caller, parse
 from services.gateway.edges import HttpHandler, http_traced, read_body
 from services.gateway.http_api import error_response
 
@@ -49,10 +49,6 @@ class ReasonBody(_Body):
 
 class PromoteBody(_Body):
     version: str = ""  # default: the rollout's canary
-
-
-def actor(request: web.Request) -> str:
-    return actor_of(request.headers.get(ACTOR, ""))
 
 
 class AdminHttp:
@@ -92,7 +88,7 @@ class AdminHttp:
         try:
             return parse(cls, await self._json(request), "the body")
         except LoomError as exc:
-            await self.admin.refused(action, actor(request), target, exc)
+            await self.admin.refused(action, caller(), target, exc)
             raise
 
     async def list_models(self, _: web.Request) -> web.Response:
@@ -105,14 +101,12 @@ class AdminHttp:
     async def register(self, request: web.Request) -> web.Response:
         model = request.match_info["model"]
         body = await self._body(request, RegisterBody, "model.register", model)
-        rec = await self.admin.register(
-            model, body.source, version=body.version, notes=body.notes, actor=actor(request)
-        )
+        rec = await self.admin.register(model, body.source, version=body.version, notes=body.notes, actor=caller())
         return web.json_response(rec.model_dump(mode="json"), status=201)
 
     async def retire(self, request: web.Request) -> web.Response:
         info = request.match_info
-        rec = await self.admin.retire(info["model"], info["version"], actor=actor(request))
+        rec = await self.admin.retire(info["model"], info["version"], actor=caller())
         return web.json_response(rec.model_dump(mode="json"))
 
     async def set_traffic(self, request: web.Request) -> web.Response:
@@ -120,16 +114,16 @@ class AdminHttp:
         try:
             policy = await self._json(request)
         except LoomError as exc:
-            await self.admin.refused("traffic.set", actor(request), model, exc)
+            await self.admin.refused("traffic.set", caller(), model, exc)
             raise
-        rec = await self.admin.set_traffic(model, policy, actor=actor(request))
+        rec = await self.admin.set_traffic(model, policy, actor=caller())
         return web.json_response(rec.model_dump(mode="json"))
 
     async def start_rollout(self, request: web.Request) -> web.Response:
         model = request.match_info["model"]
         body = await self._body(request, RolloutBody, "rollout.start", model)
         rollout = await self.admin.start_rollout(
-            model, body.version, steps=body.steps, thresholds=body.thresholds, actor=actor(request)
+            model, body.version, steps=body.steps, thresholds=body.thresholds, actor=caller()
         )
         return web.json_response(rollout.model_dump(mode="json"), status=201)
 
@@ -141,31 +135,31 @@ class AdminHttp:
     async def pause_rollout(self, request: web.Request) -> web.Response:
         model = request.match_info["model"]
         body = await self._body(request, ReasonBody, "rollout.pause", model)
-        rollout = await self.admin.pause_rollout(model, body.reason, actor=actor(request))
+        rollout = await self.admin.pause_rollout(model, body.reason, actor=caller())
         return web.json_response(rollout.model_dump(mode="json"))
 
     async def resume_rollout(self, request: web.Request) -> web.Response:
         model = request.match_info["model"]
         await self._body(request, ReasonBody, "rollout.resume", model)
-        rollout = await self.admin.resume_rollout(model, actor=actor(request))
+        rollout = await self.admin.resume_rollout(model, actor=caller())
         return web.json_response(rollout.model_dump(mode="json"))
 
     async def abort_rollout(self, request: web.Request) -> web.Response:
         model = request.match_info["model"]
         body = await self._body(request, ReasonBody, "rollout.abort", model)
-        rollout = await self.admin.abort_rollout(model, body.reason, actor=actor(request))
+        rollout = await self.admin.abort_rollout(model, body.reason, actor=caller())
         return web.json_response(rollout.model_dump(mode="json"))
 
     async def promote(self, request: web.Request) -> web.Response:
         model = request.match_info["model"]
         body = await self._body(request, PromoteBody, "model.promote", model)
-        rec = await self.admin.promote(model, body.version, actor=actor(request))
+        rec = await self.admin.promote(model, body.version, actor=caller())
         return web.json_response(rec.model_dump(mode="json"))
 
     async def rollback(self, request: web.Request) -> web.Response:
         model = request.match_info["model"]
         body = await self._body(request, ReasonBody, "model.rollback", model)
-        rec = await self.admin.rollback(model, body.reason, actor=actor(request))
+        rec = await self.admin.rollback(model, body.reason, actor=caller())
         return web.json_response(rec.model_dump(mode="json"))
 
     async def audit(self, request: web.Request) -> web.Response:

@@ -1,7 +1,8 @@
 """What every gateway adapter does around its handler, written once.
 
 The loom.v1 and the KServe adapters, gRPC and HTTP alike: a SERVER span
-continuing the caller's ``traceparent``, every failure turned into the
+continuing the caller's ``traceparent`` and naming the authenticated caller
+and its tenant (``enduser.id``, ``loom.tenant``), every failure turned into the
 transport's typed error (never a stack trace), the outcome counted; and for
 HTTP, bodies read only up to the limit.
 """
@@ -19,6 +20,7 @@ from google.protobuf.message import DecodeError
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
+from services.common import auth
 from services.common.errors import InvalidArgument, LoomError, ResourceExhausted, as_loom_error, grpc_status
 from services.common.telemetry import extract
 
@@ -34,6 +36,14 @@ HttpHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 HttpDone = Callable[[web.Request, str, float], None]
 
 
+def _tag_caller(span: trace.Span) -> None:
+    """The authenticated caller on the SERVER span: who (OpenTelemetry's enduser.id) and its tenant."""
+    principal = auth.current()
+    if principal is not None:
+        span.set_attribute("enduser.id", principal.name)
+        span.set_attribute("loom.tenant", principal.tenant)
+
+
 def grpc_unary(service: str, method: str, request_type: Any, call: GrpcCall, done: GrpcDone | None = None) -> Any:
     """A unary handler taking raw bytes, so a malformed message is INVALID_ARGUMENT with a message."""
 
@@ -46,6 +56,7 @@ def grpc_unary(service: str, method: str, request_type: Any, call: GrpcCall, don
             kind=SpanKind.SERVER,
             attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": method},
         ) as span:
+            _tag_caller(span)
             try:
                 try:
                     req = request_type.FromString(raw)
@@ -83,6 +94,7 @@ def http_traced(
             kind=SpanKind.SERVER,
             attributes={"http.request.method": request.method, "url.path": request.path},
         ) as span:
+            _tag_caller(span)
             try:
                 response = await handler(request)
             except Exception as exc:

@@ -9,10 +9,12 @@ import grpc
 from aiohttp import web
 
 from services.common.audit import AuditLog
+from services.common.auth import Authenticator
 from services.common.lifecycle import Runtime, Service
 from services.common.pipeline_store import PipelineStore
 from services.common.pipelines import default_dir, load_dir
 from services.common.registry.store import RegistryStore
+from services.gateway.access import AuthInterceptor, FailureAudit, Gate, http_middleware
 from services.gateway.admin import AdminCore
 from services.gateway.admin_grpc import SERVICE as ADMIN_SERVICE
 from services.gateway.admin_grpc import AdminGrpc
@@ -40,6 +42,7 @@ class Gateway(Service):
         self._store: PipelineStore | None = None
         self._kserve: KServeDataPlane | None = None
         self._admin: AdminCore | None = None
+        self._gate: Gate | None = None
 
     @property
     def core(self) -> GatewayCore:
@@ -52,7 +55,19 @@ class Gateway(Service):
         # KServe's ServerReady is the gateway's own readiness, as /readyz reports it.
         self._kserve = KServeDataPlane(self._core, lambda: rt.ready.is_set() and rt.bus.connected)
         registry = RegistryStore(rt.bus, self.gw.models_bucket, service=self.name)
-        self._admin = AdminCore(rt.bus, registry, AuditLog(rt.bus, service=self.name), self.gw)
+        audit = AuditLog(rt.bus, service=self.name)
+        self._admin = AdminCore(rt.bus, registry, audit, self.gw)
+        # A keys file that cannot be read or parsed stops the start here, before any port opens.
+        authenticator = Authenticator.from_settings(self.gw)
+        if not authenticator.configured:
+            log.warning(
+                "no credentials are configured (LOOM_AUTH_KEYS_FILE, LOOM_DEV_API_KEY, LOOM_AUTH_JWT_*): "
+                "every call except the health checks and /metrics will be refused"
+            )
+        failures = FailureAudit(
+            audit, per_source=self.gw.auth_audit_per_source, per_second=self.gw.auth_audit_per_second
+        )
+        self._gate = Gate(authenticator, failures)
 
     async def start(self, rt: Runtime) -> None:
         directory = self.gw.pipelines_dir or default_dir()
@@ -77,9 +92,14 @@ class Gateway(Service):
             (GatewayGrpc(self.core).handler(), KServeGrpc(self._kserve).handler(), AdminGrpc(self._admin).handler())
         )
 
+    def grpc_interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        assert self._gate is not None, "bind() first"
+        return [AuthInterceptor(self._gate)]
+
     def add_http(self, app: web.Application) -> None:
         assert self._store is not None, "bind() first"
-        assert self._kserve is not None and self._admin is not None, "bind() first"
+        assert self._kserve is not None and self._admin is not None and self._gate is not None, "bind() first"
+        app.middlewares.append(http_middleware(self._gate))  # first: outside every other middleware
         GatewayHttp(self.core, self._store, self.gw).add_routes(app)
         AdminHttp(self._admin).add_routes(app)
         KServeHttp(self._kserve, self.gw).add_routes(app)

@@ -5,13 +5,14 @@ from pathlib import Path
 
 from pydantic import field_validator
 
-from services.common.settings import CommonSettings, service_field
+from services.common.auth import AuthSettings
+from services.common.settings import service_field
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-class GatewaySettings(CommonSettings):
-    """Gateway settings (``LOOM_GATEWAY_*``)."""
+class GatewaySettings(AuthSettings):
+    """Gateway settings (``LOOM_GATEWAY_*``, and authentication's ``LOOM_AUTH_*``)."""
 
     grpc_port: int = service_field(
         "gateway",

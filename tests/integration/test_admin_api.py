@@ -22,11 +22,14 @@ import pytest
 from services.common.launch.mesh import Mesh, free_ports
 from services.common.pb.loom.v1 import admin_pb2 as pb
 from services.common.pb.loom.v1 import admin_pb2_grpc, gateway_pb2, gateway_pb2_grpc
-from tests.support import copy_model_repository, eventually, predict_http
+from tests.support import TEST_API_KEY, bearer, copy_model_repository, eventually, grpc_auth, predict_http
 
 pytestmark = pytest.mark.integration
 
-ACTOR = "tester@admin-api"
+#: The actor of every entry: the id of the mesh's admin key (TEST_API_KEY is its LOOM_DEV_API_KEY).
+ACTOR = "dev"
+#: The name callers once gave themselves in x-loom-actor; the gateway now ignores it.
+CLAIMED = "tester@admin-api"
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +48,12 @@ def repository(workdir: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def admin_mesh(request: pytest.FixtureRequest, repository: Path) -> Iterator[Mesh]:
-    m = Mesh(model_repository=repository, ports=free_ports(), env={"LOOM_GATEWAY_MODEL_REPOSITORY": str(repository)})
+    m = Mesh(
+        model_repository=repository,
+        ports=free_ports(),
+        env={"LOOM_GATEWAY_MODEL_REPOSITORY": str(repository)},
+        api_key=TEST_API_KEY,
+    )
     try:
         m.start(timeout=240)
         yield m
@@ -65,7 +73,7 @@ def call(mesh: Mesh, method: str, path: str, body: Any = None, *, raw: bytes | N
         f"{mesh.gateway_http}/v1/admin{path}",
         data=data,
         method=method,
-        headers={"content-type": "application/json", "x-loom-actor": ACTOR},
+        headers={"content-type": "application/json", "x-loom-actor": CLAIMED, **bearer()},
     )
     try:
         with urllib.request.urlopen(req, timeout=180) as resp:
@@ -77,7 +85,7 @@ def call(mesh: Mesh, method: str, path: str, body: Any = None, *, raw: bytes | N
 def rpc(mesh: Mesh, method: str, request: Any) -> Any:
     with grpc.insecure_channel(mesh.gateway_grpc) as channel:
         stub = admin_pb2_grpc.AdminStub(channel)
-        return getattr(stub, method)(request, timeout=180, metadata=(("x-loom-actor", ACTOR),))
+        return getattr(stub, method)(request, timeout=180, metadata=(("x-loom-actor", CLAIMED), *grpc_auth()))
 
 
 def refused_http(mesh: Mesh, method: str, path: str, body: Any, status: int, code: str, needle: str) -> None:
@@ -115,14 +123,14 @@ def version_for(mesh: Mesh, key: str, *, grpc_too: bool = False) -> str:
             req = gateway_pb2.PredictRequest(pipeline="embed")
             req.inputs["text"].text = "sticky routing"
             answer = gateway_pb2_grpc.GatewayStub(channel).Predict(
-                req, timeout=30, metadata=(("x-loom-route-key", key),)
+                req, timeout=30, metadata=(("x-loom-route-key", key), *grpc_auth())
             )
             return str(answer.outputs["text"].text.model_version)
     body = json.dumps({"inputs": {"text": "sticky routing"}}).encode()
     request = urllib.request.Request(
         f"{mesh.gateway_http}/v1/pipelines/embed:predict",
         data=body,
-        headers={"content-type": "application/json", "x-loom-route-key": key},
+        headers={"content-type": "application/json", "x-loom-route-key": key, **bearer()},
     )
     with urllib.request.urlopen(request, timeout=30) as resp:
         return str(json.loads(resp.read())["outputs"]["text"]["model_version"])
@@ -275,7 +283,8 @@ def test_refusals_are_audited_with_the_actor(admin_mesh: Mesh) -> None:
     reply = rpc(admin_mesh, "ListAudit", pb.ListAuditRequest(model="minilm", limit=5))
     last = reply.entries[-1]
     assert (last.action, last.target, last.result, last.actor) == ("rollout.start", "minilm/1", "refused", ACTOR)
-    assert "already stable" in json.loads(last.details_json)["error"]
+    details = json.loads(last.details_json)
+    assert "already stable" in details["error"] and details["tenant"] == "dev"  # x-loom-actor is not believed
     assert all(e.target == "minilm" or e.target.startswith("minilm/") for e in reply.entries)
 
 
@@ -305,7 +314,7 @@ def test_a_route_key_too_long_is_refused_on_both_transports(admin_mesh: Mesh) ->
     req = urllib.request.Request(
         f"{admin_mesh.gateway_http}/v1/pipelines/embed:predict",
         data=json.dumps({"inputs": {"text": "hi"}}).encode(),
-        headers={"content-type": "application/json", "x-loom-route-key": key},
+        headers={"content-type": "application/json", "x-loom-route-key": key, **bearer()},
     )
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(req, timeout=30)
@@ -314,7 +323,9 @@ def test_a_route_key_too_long_is_refused_on_both_transports(admin_mesh: Mesh) ->
         msg = gateway_pb2.PredictRequest(pipeline="embed")
         msg.inputs["text"].text = "hi"
         with pytest.raises(grpc.RpcError) as rpc_err:
-            gateway_pb2_grpc.GatewayStub(channel).Predict(msg, timeout=30, metadata=(("x-loom-route-key", key),))
+            gateway_pb2_grpc.GatewayStub(channel).Predict(
+                msg, timeout=30, metadata=(("x-loom-route-key", key), *grpc_auth())
+            )
     assert rpc_err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "route key" in (rpc_err.value.details() or "")
     assert version_for(admin_mesh, "user-1") == "1"  # no canary: every key meets stable
 

@@ -9,7 +9,7 @@ import pytest
 
 from services.common.launch.mesh import SERVICES, Mesh, grpc_serving
 from services.common.pb.loom.v1 import gateway_pb2
-from tests.support import http_json, predict_grpc, predict_http
+from tests.support import gateway_channel, http_json, predict_grpc, predict_http
 
 pytestmark = pytest.mark.integration
 
@@ -68,7 +68,7 @@ def test_grpc_bad_input_codes(mesh: Mesh) -> None:
         predict_grpc(mesh.gateway_grpc, "a" * (30 * 1024 * 1024))
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
-    with grpc.insecure_channel(mesh.gateway_grpc) as channel:
+    with gateway_channel(mesh.gateway_grpc) as channel:
         raw = channel.unary_unary("/loom.v1.Gateway/Predict")
         with pytest.raises(grpc.RpcError) as err:
             raw(b"\x0a\xff\xff\xff\xff\x0f", timeout=10)  # a length-delimited field running past the end
@@ -77,7 +77,7 @@ def test_grpc_bad_input_codes(mesh: Mesh) -> None:
 
     req = gateway_pb2.PredictRequest(pipeline="embed")
     req.inputs["text"].SetInParent()  # an input with no value
-    with grpc.insecure_channel(mesh.gateway_grpc) as channel, pytest.raises(grpc.RpcError) as err:
+    with gateway_channel(mesh.gateway_grpc) as channel, pytest.raises(grpc.RpcError) as err:
         channel.unary_unary("/loom.v1.Gateway/Predict")(req.SerializeToString(), timeout=10)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 

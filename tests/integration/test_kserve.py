@@ -18,7 +18,7 @@ from tritonclient.utils import InferenceServerException
 from services.common.launch.mesh import Mesh
 from services.preprocess.text import TextTokenizer
 from tests.media import text_image
-from tests.support import eventually, metric, read_spans
+from tests.support import BearerAuth, bearer, eventually, metric, read_spans
 
 pytestmark = pytest.mark.integration
 
@@ -28,6 +28,7 @@ TEXT = "The central bank raised interest rates again this quarter."
 @pytest.fixture(scope="module")
 def g(mesh: Mesh) -> Iterator[grpcclient.InferenceServerClient]:
     client = grpcclient.InferenceServerClient(mesh.gateway_grpc)
+    client.register_plugin(BearerAuth())  # every call carries the tests' key, as headers=... would
     yield client
     client.close()
 
@@ -35,6 +36,7 @@ def g(mesh: Mesh) -> Iterator[grpcclient.InferenceServerClient]:
 @pytest.fixture(scope="module")
 def h(mesh: Mesh) -> Iterator[httpclient.InferenceServerClient]:
     client = httpclient.InferenceServerClient(mesh.gateway_http.removeprefix("http://"), network_timeout=60)
+    client.register_plugin(BearerAuth())
     yield client
     client.close()
 
@@ -228,7 +230,7 @@ def test_malformed_requests_are_invalid_argument(
 
 
 def post_json(url: str, body: Any) -> tuple[int, Any]:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST")
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST", headers=bearer())
     try:
         with urllib.request.urlopen(req, timeout=30) as resp:
             return resp.status, json.loads(resp.read())
@@ -254,10 +256,14 @@ def test_errors_are_kserve_shaped(mesh: Mesh, g: grpcclient.InferenceServerClien
     status, body = post_json(f"{mesh.gateway_http}/v2/models/embed/infer", {"inputs": 3})
     assert status == 400 and set(body) == {"error"} and "'inputs' list" in body["error"]
     # What Loom does not offer says so, in a shape tritonclient can read.
-    with urllib.request.urlopen(f"{mesh.gateway_http}/v2", timeout=10) as resp:
+    with urllib.request.urlopen(
+        urllib.request.Request(f"{mesh.gateway_http}/v2", headers=bearer()), timeout=10
+    ) as resp:
         assert json.loads(resp.read())["name"] == "loom"
     with pytest.raises(urllib.error.HTTPError) as err:
-        urllib.request.urlopen(f"{mesh.gateway_http}/v2/models/embed/config", timeout=10)
+        urllib.request.urlopen(
+            urllib.request.Request(f"{mesh.gateway_http}/v2/models/embed/config", headers=bearer()), timeout=10
+        )
     assert (
         err.value.code == 404 and "does not offer GET /v2/models/embed/config" in json.loads(err.value.read())["error"]
     )

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import random
 import shutil
 import subprocess
 import sys
@@ -26,7 +28,7 @@ import pytest
 from services.common.launch.mesh import Mesh, free_ports
 from services.inference.router import bucket
 from tests.conftest import MONITOR_TEST_ENV
-from tests.support import copy_model_repository, eventually, http_json, metric, predict_http
+from tests.support import TEST_API_KEY, copy_model_repository, eventually, http_json, metric, predict_http
 
 pytestmark = pytest.mark.integration
 
@@ -45,7 +47,7 @@ SENTENCES = (
 @pytest.fixture(scope="module")
 def life(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     repo = copy_model_repository(tmp_path_factory.mktemp("lifecycle") / "triton")
-    m = Mesh(ports=free_ports(), model_repository=repo, env=MONITOR_TEST_ENV)
+    m = Mesh(ports=free_ports(), model_repository=repo, env=MONITOR_TEST_ENV, api_key=TEST_API_KEY)
     failed = False
     try:
         m.start(timeout=240)
@@ -70,13 +72,25 @@ def loomctl(m: Mesh, *args: str) -> str:
         text=True,
         timeout=180,
         cwd=ROOT,
+        env={**os.environ, "LOOM_API_KEY": TEST_API_KEY},  # loomctl's credential
     )
     assert out.returncode == 0, out.stderr + out.stdout
     return out.stdout
 
 
+WORDS = tuple(word for line in SENTENCES for word in line.split())
+
+
+def text_for(key: str, i: int) -> str:
+    """Varied text, as real traffic is: six fixed sentences give a few clusters of output scores,
+    and a tiny systematic shift between versions (int8 vs fp32) then moves whole clusters across
+    a PSI bin edge, which reads as output drift."""
+    rng = random.Random(f"{key}:{i}")
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 14))).capitalize() + "."
+
+
 def ask(m: Mesh, key: str, i: int = 0) -> tuple[int, Any]:
-    text = f"{SENTENCES[i % len(SENTENCES)]} ({key})"
+    text = text_for(key, i)
     return predict_http(m.gateway_http, text, headers={"x-loom-route-key": key}, bypass_cache=True)
 
 

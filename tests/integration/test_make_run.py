@@ -14,7 +14,7 @@ import pytest
 from services.common.launch.mesh import DEFAULT_PORTS, ROOT
 from services.common.launch.procs import free_port
 from services.common.triton_server import shm_regions
-from tests.support import predict_http
+from tests.support import TEST_API_KEY, predict_http
 
 pytestmark = pytest.mark.integration
 
@@ -40,6 +40,7 @@ def mesh_pids(nats_port: int) -> set[int]:
 def start_launcher(log: Path) -> tuple[subprocess.Popen[bytes], dict[str, int]]:
     """``python -m services.common.launch`` on free ports; returns once it printed the banner."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOOM_")}
+    env["LOOM_DEV_API_KEY"] = TEST_API_KEY  # the launcher's admin key (else it would use .loom/dev-api-key)
     ports = {name: free_port() for name in DEFAULT_PORTS}
     env.update({f"LOOM_{name.upper()}_PORT": str(port) for name, port in ports.items()})
     with open(log, "w") as out:
@@ -67,8 +68,10 @@ def test_launcher_serves_then_stops_everything(tmp_path: Path) -> None:
         banner = (tmp_path / "launcher.log").read_text()
         gateway = f"http://127.0.0.1:{ports['gateway_http']}"
         assert f"{gateway}/v1/pipelines/embed:predict" in banner and "curl" in banner
+        assert '-H "Authorization: Bearer $LOOM_DEV_API_KEY"' in banner and TEST_API_KEY not in banner
         status, body = predict_http(gateway, "the launcher works")
         assert status == 200 and len(body["outputs"]["text"]["embedding"]) == 384
+        assert predict_http(gateway, "no key", key=None)[0] == 401
 
         running = mesh_pids(ports["nats"])
         assert len(running) >= 9, running  # launcher, nats-server, tritonserver (+stub), six services

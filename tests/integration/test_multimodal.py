@@ -14,7 +14,7 @@ import pytest
 
 from services.common.launch.mesh import Mesh
 from tests import media
-from tests.support import eventually, http_json, metric, predict_inputs, read_spans
+from tests.support import bearer, eventually, gateway_channel, http_json, metric, predict_inputs, read_spans
 
 pytestmark = pytest.mark.integration
 
@@ -210,7 +210,7 @@ async def test_multipart_upload_like_curl_dash_f(mesh: Mesh, speech: tuple[bytes
     form.add_field("audio", speech[0], filename="speech.wav", content_type="audio/wav")
     form.add_field("timeout_ms", "20000")
     async with (
-        aiohttp.ClientSession() as session,
+        aiohttp.ClientSession(headers=bearer()) as session,
         session.post(f"{mesh.gateway_http}/v1/pipelines/content:predict", data=form) as resp,
     ):
         body = await resp.json()
@@ -224,7 +224,7 @@ def test_grpc_predict_carries_files(mesh: Mesh) -> None:
 
     from services.common.pb.loom.v1 import gateway_pb2, gateway_pb2_grpc
 
-    with grpc.insecure_channel(mesh.gateway_grpc) as channel:
+    with gateway_channel(mesh.gateway_grpc) as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
         req = gateway_pb2.PredictRequest(pipeline="content")
         req.inputs["image"].data = media.text_image(PHRASE)

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from services.common.registry.schema import ModelRecord
-from tools.loomctl import admin, admin_render
+from tools.loomctl import admin, admin_render, common
 from tools.loomctl.__main__ import build_parser, main
 
 pytestmark = pytest.mark.unit
@@ -290,13 +290,16 @@ def gateway() -> Iterator[Gateway]:
         thread.join(5)
 
 
-def test_commands_call_the_admin_api_with_the_actor(gateway: Gateway, capsys: pytest.CaptureFixture[str]) -> None:
+def test_commands_call_the_admin_api_with_the_credential(
+    gateway: Gateway, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LOOM_API_KEY", "loom_key-of-alice")
     base = "/v1/admin/models/minilm"
     gateway.answers[("GET", base)] = (200, RECORD)
     gateway.answers[("PUT", f"{base}/traffic")] = (200, RECORD)
     gateway.answers[("POST", f"{base}/rollout:abort")] = (200, {**ROLLOUT, "state": "aborted"})
     gateway.answers[("DELETE", f"{base}/versions/3")] = (200, RECORD)
-    g = ["--gateway", gateway.url, "--actor", "alice@laptop"]
+    g = ["--gateway", gateway.url]
     assert main([*g, "models", "show", "minilm"]) == 0
     assert "rollout 3f2a9c0e8b7d" in capsys.readouterr().out
     assert main([*g, "models", "show", "minilm", "--json"]) == 0
@@ -311,7 +314,41 @@ def test_commands_call_the_admin_api_with_the_actor(gateway: Gateway, capsys: py
         ("POST", f"{base}/rollout:abort", {"reason": "p95"}),
         ("DELETE", f"{base}/versions/3", None),
     ]
-    assert {h.get("x-loom-actor") for *_, h in gateway.calls} == {"alice@laptop"}
+    assert {h.get("authorization") for *_, h in gateway.calls} == {"Bearer loom_key-of-alice"}
+    assert all("x-loom-actor" not in h for *_, h in gateway.calls)  # the gateway names the actor itself
+
+
+def test_the_credential_comes_from_the_environment_or_make_runs_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / ".loom").mkdir()
+    (tmp_path / ".loom" / "dev-api-key").write_text("loom_from-the-file\n")
+    assert common.api_key({"LOOM_API_KEY": "jwt.a.b", "LOOM_DEV_API_KEY": "dev"}, tmp_path) == "jwt.a.b"
+    assert common.api_key({"LOOM_DEV_API_KEY": " loom_dev "}, tmp_path) == "loom_dev"
+    assert common.api_key({}, tmp_path) == "loom_from-the-file"
+    monkeypatch.setattr(common, "ROOT", tmp_path / "elsewhere")
+    assert common.api_key({}, tmp_path / "nowhere") == ""
+
+
+def test_refused_credentials_say_what_to_do(
+    gateway: Gateway, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LOOM_API_KEY", "loom_wrong")
+    gateway.answers[("GET", "/v1/admin/models")] = (
+        401,
+        {"error": {"code": "UNAUTHENTICATED", "message": "unknown API key"}},
+    )
+    assert main(["--gateway", gateway.url, "models", "list"]) == 1
+    err = capsys.readouterr().err
+    assert "HTTP 401 UNAUTHENTICATED: unknown API key" in err and "set LOOM_API_KEY" in err
+    message = "'ci' (roles: predict) may not call PUT /v1/admin/models/{model}/traffic: it needs the role admin"
+    gateway.answers[("GET", "/v1/admin/models/minilm")] = (
+        403,
+        {"error": {"code": "PERMISSION_DENIED", "message": message}},
+    )
+    assert main(["--gateway", gateway.url, "models", "show", "minilm"]) == 1
+    err = capsys.readouterr().err
+    assert f"HTTP 403 PERMISSION_DENIED: {message}" in err and "roles do not allow" in err
 
 
 def test_server_refusals_print_the_message_and_exit_1(gateway: Gateway, capsys: pytest.CaptureFixture[str]) -> None:

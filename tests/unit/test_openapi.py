@@ -5,6 +5,7 @@ import yaml
 from aiohttp import web
 
 from services.common.lifecycle import Runtime
+from services.gateway import access
 from services.gateway.http_api import OPENAPI
 from services.gateway.service import Gateway
 from services.gateway.settings import GatewaySettings
@@ -29,3 +30,19 @@ def test_every_route_is_documented_and_nothing_more() -> None:
     assert documented == served
     predict = doc["paths"]["/v1/pipelines/{pipeline}:predict"]["post"]
     assert {"200", "400", "404", "413", "503", "504"} <= set(predict["responses"])
+
+
+def test_each_operation_documents_the_roles_the_gateway_asks_for() -> None:
+    doc = yaml.safe_load(OPENAPI.read_text())
+    assert set(doc["components"]["securitySchemes"]) == {"bearer", "apiKey"}
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            if method == "parameters":
+                continue
+            need = access.http_access(method.upper(), path)
+            security = op.get("security", doc["security"])  # the document's default: admin-only
+            if need is None:
+                assert security == [], (method, path)
+            else:
+                assert security == [{"bearer": sorted(need)}, {"apiKey": sorted(need)}], (method, path)
+                assert {"401", "403"} <= set(op["responses"]), (method, path)

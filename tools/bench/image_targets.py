@@ -26,7 +26,7 @@ from services.inference.triton import to_inputs
 from services.preprocess.image import ImagePreprocessor
 from tests.media import text_image
 from tools.bench.load import Answer, BadAnswer, Call
-from tools.bench.targets import CLIENT_TIMEOUT_S, Clients, Suite, check_grpc, check_json, post_json
+from tools.bench.targets import CLIENT_TIMEOUT_S, Clients, Metadata, Suite, check_grpc, check_json, post_json
 
 MODEL = "ocr"
 TEXT_MODEL = "minilm"
@@ -77,12 +77,12 @@ def triton_call(client: triton_aio.InferenceServerClient, item: ImageInput) -> C
     return call
 
 
-def grpc_call(stub: gateway_pb2_grpc.GatewayAsyncStub, item: ImageInput) -> Call[str]:
+def grpc_call(stub: gateway_pb2_grpc.GatewayAsyncStub, auth: Metadata, item: ImageInput) -> Call[str]:
     request = gateway_pb2.PredictRequest(pipeline=PIPELINE, bypass_cache=True)
     request.inputs[PART].data = item.png
 
     async def call() -> Answer[str]:
-        output, stages = check_grpc(await stub.Predict(request, timeout=CLIENT_TIMEOUT_S), PART)
+        output, stages = check_grpc(await stub.Predict(request, timeout=CLIENT_TIMEOUT_S, metadata=auth), PART)
         text = _read(item.phrase, [line.text for line in output.image.ocr])
         if not output.image.topics:
             raise BadAnswer("no topics: the text model did not run on the OCR text")
@@ -111,7 +111,7 @@ def image_suite(clients: Clients, item: ImageInput, levels: list[int], requests:
         name="image",
         calls={
             "triton": triton_call(clients.triton, item),
-            "gateway-grpc": grpc_call(clients.gateway, item),
+            "gateway-grpc": grpc_call(clients.gateway, clients.auth, item),
             "gateway-http": http_call(clients, item),
         },
         levels=levels,

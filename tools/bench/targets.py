@@ -33,6 +33,8 @@ VIA = ("gateway-grpc", "gateway-http")
 CLIENT_TIMEOUT_S = 30.0
 #: The gateway's note on each part's inference stage; "bypass" proves the model really ran.
 CACHE_NOTE = "{part}/inference.cache"
+#: gRPC call metadata (the credential).
+Metadata = tuple[tuple[str, str], ...]
 
 
 @dataclass
@@ -57,18 +59,22 @@ class Clients:
     gateway: gateway_pb2_grpc.GatewayAsyncStub
     http: aiohttp.ClientSession
     gateway_http: str
+    #: The mesh's admin key as gRPC metadata; the HTTP session sends it as a default header.
+    auth: Metadata = ()
 
     @classmethod
     def open(cls, mesh: Mesh, connections: int) -> Clients:
         """Clients for ``mesh``; the HTTP pool holds ``connections`` keep-alive connections (one per worker)."""
         channel = grpc.aio.insecure_channel(mesh.gateway_grpc)
+        auth = {"authorization": f"Bearer {mesh.api_key}"}
         return cls(
             triton=triton_aio.InferenceServerClient(mesh.triton_grpc),
             channel=channel,
             # grpc.aio is untyped here, so mypy cannot pick the stub's async overload by itself.
             gateway=cast("gateway_pb2_grpc.GatewayAsyncStub", gateway_pb2_grpc.GatewayStub(channel)),
-            http=aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=connections)),
+            http=aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=connections), headers=auth),
             gateway_http=mesh.gateway_http,
+            auth=tuple(auth.items()),
         )
 
     def predict_url(self, pipeline: str) -> str:

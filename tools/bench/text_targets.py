@@ -19,7 +19,7 @@ from services.common.pb.loom.v1 import gateway_pb2, gateway_pb2_grpc
 from services.inference.triton import to_inputs
 from services.preprocess.text import TextTokenizer
 from tools.bench.load import Answer, BadAnswer, Call
-from tools.bench.targets import CLIENT_TIMEOUT_S, Clients, Suite, check_grpc, check_json, post_json
+from tools.bench.targets import CLIENT_TIMEOUT_S, Clients, Metadata, Suite, check_grpc, check_json, post_json
 
 MODEL = "minilm"
 PIPELINE = "embed"
@@ -61,13 +61,13 @@ def triton_call(client: triton_aio.InferenceServerClient, item: TextInput) -> Ca
     return call
 
 
-def grpc_call(stub: gateway_pb2_grpc.GatewayAsyncStub, item: TextInput) -> Call[np.ndarray]:
+def grpc_call(stub: gateway_pb2_grpc.GatewayAsyncStub, auth: Metadata, item: TextInput) -> Call[np.ndarray]:
     request = gateway_pb2.PredictRequest(
         pipeline=PIPELINE, inputs={PART: gateway_pb2.Input(text=item.text)}, bypass_cache=True
     )
 
     async def call() -> Answer[np.ndarray]:
-        output, stages = check_grpc(await stub.Predict(request, timeout=CLIENT_TIMEOUT_S), PART)
+        output, stages = check_grpc(await stub.Predict(request, timeout=CLIENT_TIMEOUT_S, metadata=auth), PART)
         return Answer(_embedding(list(output.text.embedding)), stages)
 
     return call
@@ -89,7 +89,7 @@ def text_suite(clients: Clients, item: TextInput, levels: list[int], requests: i
         name="text",
         calls={
             "triton": triton_call(clients.triton, item),
-            "gateway-grpc": grpc_call(clients.gateway, item),
+            "gateway-grpc": grpc_call(clients.gateway, clients.auth, item),
             "gateway-http": http_call(clients, item),
         },
         levels=levels,

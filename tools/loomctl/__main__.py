@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import base64
+import hashlib
 import json
 import mimetypes
 import os
+import secrets
 import shutil
-import socket
 import sys
 import time
 from collections.abc import Mapping
@@ -211,6 +212,26 @@ def cmd_accuracy(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys_new(args: argparse.Namespace) -> int:
+    """A new API key, and the record that lets it in (the gateway stores only its sha256)."""
+    # The same shape as services.common.auth.generate_api_key; loomctl stays standard-library only.
+    key = "loom_" + secrets.token_urlsafe(32)
+    record = {
+        "id": args.id,
+        "sha256": hashlib.sha256(key.encode()).hexdigest(),
+        "roles": sorted(set(args.role)),
+        "tenant": args.tenant,
+    }
+    if args.json:
+        print(json.dumps({"key": key, "record": record}, indent=2))
+        return 0
+    print(f"key     {key}")
+    print("        give it to the caller now: it is not kept anywhere, only its sha256 is")
+    print(f"record  {json.dumps(record)}")
+    print("        add it to the JSON list in LOOM_AUTH_KEYS_FILE and restart the gateway")
+    return 0
+
+
 # --- options ------------------------------------------------------------------------------------
 
 
@@ -224,9 +245,6 @@ def _add_globals(p: argparse.ArgumentParser, defaults: Mapping[str, Any] | None)
     p.add_argument("--gateway", metavar="URL", default=default("gateway"), help=f"env LOOM_GATEWAY_URL{shown}")
     p.add_argument("--monitor", metavar="URL", default=default("monitor"), help=f"env LOOM_MONITOR_URL{shown}")
     p.add_argument("--timeout", metavar="S", type=_positive, default=default("timeout"), help=f"HTTP timeout, s{shown}")
-    p.add_argument(
-        "--actor", metavar="WHO", default=default("actor"), help=f"who acts, for the audit log (env LOOM_ACTOR){shown}"
-    )
 
 
 def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
@@ -234,11 +252,15 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         "gateway": env.get("LOOM_GATEWAY_URL") or DEFAULT_GATEWAY,
         "monitor": env.get("LOOM_MONITOR_URL") or DEFAULT_MONITOR,
         "timeout": 10.0,
-        "actor": env.get("LOOM_ACTOR")
-        or f"{env.get('USER') or env.get('LOGNAME') or 'unknown'}@{socket.gethostname()}",
     }
-    parser = argparse.ArgumentParser(prog="loomctl", description="Operate a running Loom mesh over HTTP.")
+    parser = argparse.ArgumentParser(
+        prog="loomctl",
+        description="Operate a running Loom mesh over HTTP.",
+        epilog="Gateway calls carry the credential in LOOM_API_KEY (an API key or a JWT), else LOOM_DEV_API_KEY, "
+        "else the key make run keeps in .loom/dev-api-key. The monitor takes none.",
+    )
     _add_globals(parser, defaults)
+    parser.set_defaults(environ=env)  # where the credential is looked up, when a gateway call needs it
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def command(name: str, func: Command, help_text: str) -> argparse.ArgumentParser:
@@ -291,6 +313,15 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
 
     p = command("accuracy", cmd_accuracy, "accuracy from feedback per pipeline and model version")
     p.add_argument("--json", action="store_true", help="print the monitor's JSON")
+
+    p = command("keys", cmd_keys_new, "make a gateway API key: the key once, and its record for the keys file")
+    p.add_argument("action", choices=["new"], help="new: a fresh random key")
+    p.add_argument("--id", required=True, help="the key's name: the actor in the audit log")
+    p.add_argument(
+        "--role", action="append", required=True, choices=["predict", "viewer", "admin"], help="repeat for several"
+    )
+    p.add_argument("--tenant", default="default", help="the caller's tenant (default: default)")
+    p.add_argument("--json", action="store_true", help="print the key and the record as JSON")
 
     admin.add_commands(command, lambda q: _add_globals(q, None))
     return parser

@@ -11,6 +11,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+#: What to do about a refused credential, after the server's own message.
+AUTH_HINTS = {
+    401: (
+        "\n  The call needs credentials: set LOOM_API_KEY to an API key or a JWT"
+        " (make run keeps a local admin key in .loom/dev-api-key, which loomctl reads when LOOM_API_KEY is unset)."
+    ),
+    403: "\n  The credential is valid but its roles do not allow this call: use a key with the role named above.",
+}
+
 
 class ApiError(Exception):
     """A call that failed. ``status`` is the HTTP status, or None when no answer came back."""
@@ -64,7 +73,7 @@ class JsonClient:
         self.name = name
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
-        #: Sent with every call (e.g. ``x-loom-actor``).
+        #: Sent with every call (e.g. ``Authorization``).
         self.headers = dict(headers or {})
 
     def url(self, path: str, query: Mapping[str, str | int] | None = None) -> str:
@@ -107,7 +116,8 @@ class JsonClient:
         if check and status >= 400:
             code, message = _error_text(parsed, raw)
             label = f"HTTP {status} {code}".rstrip()
-            raise ApiError(f"the {self.name} answered {label}: {message or 'no details'}", status=status, code=code)
+            text = f"the {self.name} answered {label}: {message or 'no details'}{AUTH_HINTS.get(status, '')}"
+            raise ApiError(text, status=status, code=code)
         return Reply(status, parsed)
 
     def get(self, path: str, *, query: Mapping[str, str | int] | None = None, timeout: float | None = None) -> Any:

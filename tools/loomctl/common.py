@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import os
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 from tools.loomctl.client import ApiError, JsonClient
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
-#: The gateway writes it into the audit log as the one who acted.
-ACTOR_HEADER = "x-loom-actor"
+ROOT = Path(__file__).resolve().parents[2]
+#: Where ``make run`` keeps its local admin key, relative to the project root (or the current folder).
+DEV_KEY_FILE = Path(".loom") / "dev-api-key"
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -21,14 +24,27 @@ class UsageError(Exception):
     """Bad arguments that argparse cannot see (a malformed ``name=value``, an unreadable file)."""
 
 
+def api_key(env: Mapping[str, str], cwd: Path | None = None) -> str:
+    """The gateway credential (an API key or a JWT): LOOM_API_KEY, else LOOM_DEV_API_KEY, else make run's file."""
+    for name in ("LOOM_API_KEY", "LOOM_DEV_API_KEY"):
+        if env.get(name, "").strip():
+            return env[name].strip()
+    for folder in (Path.cwd() if cwd is None else cwd, ROOT):
+        try:
+            return (folder / DEV_KEY_FILE).read_text().strip()
+        except OSError:
+            continue
+    return ""
+
+
 def client(args: argparse.Namespace, name: str) -> JsonClient:
-    """The client of ``--gateway`` or ``--monitor``; gateway calls carry ``--actor``."""
+    """The client of ``--gateway`` or ``--monitor``; gateway calls carry the credential of :func:`api_key`."""
     url = getattr(args, name)
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise UsageError(f"--{name} must be an http:// or https:// URL, got {url!r}")
-    actor = getattr(args, "actor", "")
-    headers = {ACTOR_HEADER: actor} if name == "gateway" and actor else None
+    key = api_key(getattr(args, "environ", os.environ)) if name == "gateway" else ""
+    headers = {"Authorization": f"Bearer {key}"} if key else None
     return JsonClient(name, url, args.timeout, headers)
 
 

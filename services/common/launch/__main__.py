@@ -8,11 +8,13 @@ import sys
 import threading
 import time
 
+from services.common.launch.dev_key import DevKey, dev_api_key
 from services.common.launch.mesh import ROOT, SERVICES, Mesh
 
 
-def banner(mesh: Mesh) -> str:
+def banner(mesh: Mesh, key: DevKey) -> str:
     p = mesh.ports
+    auth = f'-H "Authorization: Bearer {key.shell()}"'
     return f"""
 Loom is ready ({len(SERVICES)} services, nats-server, tritonserver; logs in {mesh.workdir / "logs"})
 
@@ -24,11 +26,17 @@ Loom is ready ({len(SERVICES)} services, nats-server, tritonserver; logs in {mes
   Monitor {mesh.monitor_http}/   the dashboard; JSON under /v1 (alerts, slo, drift, accuracy, traces)
          metrics: {mesh.monitor_http}/metrics, {mesh.gateway_http}/metrics and each service's /metrics
   CLI    .venv/bin/loomctl status | alerts | trace <request_id> | feedback <pipeline> <request_id> --label L
+  Auth   every gateway call but /healthz, /readyz and /metrics needs credentials. The local admin key
+         (id "dev", tenant "dev") is in {key.origin}; loomctl finds it there. Other clients
+         send it as the header (or gRPC metadata) authorization: Bearer <key>, for example
+         export LOOM_API_KEY="{key.shell()}"
 
 Try:
   curl -s -X POST {mesh.gateway_http}/v1/pipelines/embed:predict \\
+       {auth} \\
        -H 'content-type: application/json' -d '{{"inputs": {{"text": "The match ended in a draw."}}}}'
   curl -s -X POST {mesh.gateway_http}/v1/pipelines/content:predict \\
+       {auth} \\
        -F text='Stocks fell as the central bank raised rates.' -F image=@photo.png -F audio=@speech.wav
 
 Ctrl-C stops everything.
@@ -50,12 +58,13 @@ def main() -> int:
     # Logs stay in .loom/run/logs after Ctrl-C; the JetStream store is fresh each run.
     workdir = ROOT / ".loom" / "run"
     shutil.rmtree(workdir, ignore_errors=True)
-    mesh = Mesh(workdir=workdir)
+    key = dev_api_key(ROOT)
+    mesh = Mesh(workdir=workdir, api_key=key.key)
     try:
         print("starting Loom ...", flush=True)
         mesh.start()
         starting.clear()
-        print(banner(mesh), flush=True)
+        print(banner(mesh, key), flush=True)
         while not stop.is_set():
             for name, proc in mesh.services.items():
                 if not proc.running():

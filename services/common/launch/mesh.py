@@ -17,6 +17,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common.auth import generate_api_key
 from services.common.launch.nats_server import NatsServer
 from services.common.launch.procs import ManagedProcess, ProcessExited, free_port, wait_until
 from services.common.triton_server import TritonServer, repository_models
@@ -73,6 +74,9 @@ class Mesh:
     #: Triton's own OpenTelemetry spans to the monitor (LOOM_TRITON_TRACES=1). Off by default:
     #: Triton 2.51 can crash (SIGSEGV) under concurrent traced requests (triton-inference-server/server#7795).
     triton_traces: bool = field(default_factory=lambda: os.environ.get("LOOM_TRITON_TRACES", "") == "1")
+    #: An admin API key the gateway accepts (its LOOM_DEV_API_KEY): whoever starts the mesh can call it.
+    #: Empty: none (then only LOOM_AUTH_KEYS_FILE or JWTs get in).
+    api_key: str = field(default_factory=generate_api_key)
     nats: NatsServer | None = None
     triton: TritonServer | None = None
     services: dict[str, ManagedProcess] = field(default_factory=dict)
@@ -120,6 +124,8 @@ class Mesh:
         for svc in SERVICES:
             env[f"LOOM_{svc.upper()}_GRPC_PORT"] = str(self.ports[f"{svc}_grpc"])
             env[f"LOOM_{svc.upper()}_HTTP_PORT"] = str(self.ports[f"{svc}_http"])
+        if name == "gateway" and self.api_key:  # only the gateway checks credentials
+            env["LOOM_DEV_API_KEY"] = self.api_key
         if self.traces:
             (self.workdir / "traces").mkdir(parents=True, exist_ok=True)
             env["LOOM_TRACES_FILE"] = str(self.workdir / "traces" / f"{replica}.jsonl")
