@@ -1,4 +1,4 @@
-"""Offline generators of test media: text images and speech/silence/tone audio.
+"""Offline generators of test media: sentences, text images and speech/silence/tone audio.
 
 Everything is made on this machine, with no downloads:
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import glob
 import io
+import random
 import shutil
 import subprocess
 import tempfile
@@ -42,6 +43,22 @@ __all__ = [
 Samples = npt.NDArray[np.float32]
 
 # WAV/FLAC carry 16-bit PCM; OGG carries Vorbis.
+#: Everyday sentences on different topics; WORDS re-mixed by :func:`sentence` give varied traffic.
+SENTENCES = (
+    "the market opened higher as investors weighed new data on inflation and jobs",
+    "our team won the final match after a late goal in extra time",
+    "the new phone has a faster chip and a brighter screen",
+    "doctors recommend more sleep and regular exercise for heart health",
+    "the band announced a world tour with concerts in twelve cities",
+)
+WORDS = tuple(word for line in SENTENCES for word in line.split())
+
+
+def sentence(rng: random.Random, words: int) -> str:
+    """``words`` words drawn from :data:`WORDS`, as one capitalised sentence."""
+    return " ".join(rng.choice(WORDS) for _ in range(words)).capitalize() + "."
+
+
 _SUBTYPES = {"WAV": "PCM_16", "FLAC": "PCM_16", "OGG": "VORBIS"}
 # A sample counts as signal when |x| exceeds this fraction of the clip's peak.
 _SIGNAL_FRACTION = 0.01

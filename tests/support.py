@@ -252,3 +252,59 @@ def copy_model_repository(dest: Path, src: Path = MODEL_REPOSITORY) -> Path:
 
     shutil.copytree(src, dest, symlinks=True, copy_function=link_or_copy, ignore=shutil.ignore_patterns("__pycache__"))
     return dest
+
+
+def start_explicit_triton(repository: Path, workdir: Path, model: str, timeout: float = 120.0) -> Any:
+    """A tritonserver in explicit model-control mode that loads only ``model`` (the caller closes it)."""
+    from services.common.launch.procs import free_port
+    from services.common.triton_server import TritonServer
+
+    triton = TritonServer(
+        repository,
+        http_port=free_port(),
+        grpc_port=free_port(),
+        metrics_port=free_port(),
+        workdir=workdir / "triton",
+        model_control_mode="explicit",
+        load_models=[model],
+    )
+    triton.start()
+    try:
+        triton.wait_ready(timeout=timeout)
+    except BaseException:
+        triton.close()
+        raise
+    return triton
+
+
+def start_inference_process(workdir: Path, nats_url: str, triton_grpc: str, **settings: str) -> tuple[Any, str]:
+    """The inference service as its own process, no monitor to export to; returns it and its HTTP URL.
+
+    ``settings``: more ``LOOM_*`` variables, e.g. ``LOOM_INFERENCE_MODELS='["minilm"]'``.
+    """
+    import sys
+
+    from services.common.launch.mesh import ROOT, grpc_serving
+    from services.common.launch.procs import ManagedProcess, free_port, wait_until
+
+    grpc_port, http_port = free_port(), free_port()
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "LOOM_NATS_URL": nats_url,
+        "LOOM_INFERENCE_TRITON_URL": triton_grpc,
+        "LOOM_INFERENCE_GRPC_PORT": str(grpc_port),
+        "LOOM_INFERENCE_HTTP_PORT": str(http_port),
+        "LOOM_OTLP_ENDPOINT": "",  # no monitor here: spans go to LOOM_TRACES_FILE, if set, only
+        **settings,
+    }
+    service = ManagedProcess(
+        "inference", [sys.executable, "-m", "services.inference"], env=env, log_path=workdir / "inference.log"
+    ).start()
+    try:
+        wait_until(lambda: grpc_serving(f"127.0.0.1:{grpc_port}"), 60, what="the inference service")
+    except BaseException:
+        print(service.log_tail(40))
+        service.stop()
+        raise
+    return service, f"http://127.0.0.1:{http_port}"

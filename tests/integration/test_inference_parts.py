@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -27,14 +25,14 @@ from tritonclient.grpc import service_pb2
 from services.common import envelope, subjects
 from services.common.bus import Bus
 from services.common.errors import NotFound
-from services.common.launch.mesh import ROOT, grpc_serving
-from services.common.launch.procs import ManagedProcess, free_port, wait_until
+from services.common.launch.mesh import ROOT
+from services.common.launch.procs import ManagedProcess
 from services.common.pb.loom.v1 import envelope_pb2 as pb
 from services.common.tensors import from_numpy, to_numpy
 from services.common.triton_server import TritonServer
 from services.inference.models_api import MODEL_VERSION_HEADER
 from services.preprocess.text import TextTokenizer
-from tests.support import metric, read_spans, start_nats
+from tests.support import metric, read_spans, start_explicit_triton, start_inference_process, start_nats
 
 pytestmark = pytest.mark.integration
 
@@ -54,43 +52,26 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     workdir = tmp_path_factory.mktemp("inference")
     (workdir / "traces").mkdir()
     nats = start_nats()
-    # Explicit model control: only minilm loads, whatever else the repository holds.
-    triton = TritonServer(
-        ROOT / "deploy" / "triton",
-        http_port=free_port(),
-        grpc_port=free_port(),
-        metrics_port=free_port(),
-        workdir=workdir / "triton",
-        model_control_mode="explicit",
-        load_models=[MODEL],
-    )
     service: ManagedProcess | None = None
+    triton: TritonServer | None = None
     try:
-        triton.start()
-        triton.wait_ready(timeout=90)
-        grpc_port, http_port = free_port(), free_port()
-        env = {
-            **os.environ,
-            "PYTHONPATH": str(ROOT),
-            "LOOM_NATS_URL": nats.url,
-            "LOOM_INFERENCE_TRITON_URL": triton.grpc_url,
-            "LOOM_INFERENCE_GRPC_PORT": str(grpc_port),
-            "LOOM_INFERENCE_HTTP_PORT": str(http_port),
-            "LOOM_INFERENCE_MODELS": json.dumps([MODEL, "ocr"]),  # ocr is served but not loaded in Triton
-            "LOOM_INFERENCE_CACHE_BUCKET": BUCKET,
-            "LOOM_TRACES_FILE": str(workdir / "traces" / "inference.jsonl"),
-            "LOOM_OTLP_ENDPOINT": "",  # no monitor here: spans go to the file only
-        }
-        service = ManagedProcess(
-            "inference", [sys.executable, "-m", "services.inference"], env=env, log_path=workdir / "inference.log"
-        ).start()
-        wait_until(lambda: grpc_serving(f"127.0.0.1:{grpc_port}"), 60, what="the inference service")
-        yield Stack(nats.url, f"http://127.0.0.1:{http_port}", workdir / "traces")
+        # Explicit model control: only minilm loads, whatever else the repository holds.
+        triton = start_explicit_triton(ROOT / "deploy" / "triton", workdir, MODEL, timeout=90)
+        service, http_url = start_inference_process(
+            workdir,
+            nats.url,
+            triton.grpc_url,
+            LOOM_INFERENCE_MODELS=json.dumps([MODEL, "ocr"]),  # ocr is served but not loaded in Triton
+            LOOM_INFERENCE_CACHE_BUCKET=BUCKET,
+            LOOM_TRACES_FILE=str(workdir / "traces" / "inference.jsonl"),
+        )
+        yield Stack(nats.url, http_url, workdir / "traces")
     finally:
         if service is not None:
             print(service.log_tail(40))
             service.stop()
-        triton.close()
+        if triton is not None:
+            triton.close()
         nats.stop()
 
 

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
-import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -26,8 +24,8 @@ from nats.aio.msg import Msg
 from services.common import envelope, subjects
 from services.common.bus import Bus
 from services.common.errors import InvalidArgument, NotFound
-from services.common.launch.mesh import ROOT, grpc_serving
-from services.common.launch.procs import ManagedProcess, free_port, wait_until
+from services.common.launch.mesh import ROOT
+from services.common.launch.procs import ManagedProcess
 from services.common.pb.loom.v1 import envelope_pb2 as pb
 from services.common.registry.schema import Canary, ModelRecord, Shadow, TrafficPolicy, VersionMeta
 from services.common.registry.store import RegistryStore
@@ -35,7 +33,13 @@ from services.common.tensors import from_numpy
 from services.common.triton_server import TritonServer
 from services.inference import router
 from services.preprocess.text import TextTokenizer
-from tests.support import copy_model_repository, metric, start_nats
+from tests.support import (
+    copy_model_repository,
+    metric,
+    start_explicit_triton,
+    start_inference_process,
+    start_nats,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -64,44 +68,27 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     workdir = tmp_path_factory.mktemp("routing")
     repo = model_repository(workdir)
     nats = start_nats()
-    triton = TritonServer(
-        repo,
-        http_port=free_port(),
-        grpc_port=free_port(),
-        metrics_port=free_port(),
-        workdir=workdir / "triton",
-        model_control_mode="explicit",
-        load_models=[MODEL],
-    )
     service: ManagedProcess | None = None
+    triton: TritonServer | None = None
     try:
-        triton.start()
-        triton.wait_ready(timeout=120)
-        grpc_port, http_port = free_port(), free_port()
-        env = {
-            **os.environ,
-            "PYTHONPATH": str(ROOT),
-            "LOOM_NATS_URL": nats.url,
-            "LOOM_INFERENCE_TRITON_URL": triton.grpc_url,
-            "LOOM_INFERENCE_GRPC_PORT": str(grpc_port),
-            "LOOM_INFERENCE_HTTP_PORT": str(http_port),
-            "LOOM_INFERENCE_MODELS": json.dumps([MODEL]),
-            "LOOM_INFERENCE_MODEL_REPOSITORY": str(repo),
-            "LOOM_INFERENCE_MODEL_REFRESH_S": "2",  # the reconcile loop notices a restarted Triton soon
-            "LOOM_INFERENCE_SHADOW_MAX_INFLIGHT": "512",  # no copy dropped in these tests
-            "LOOM_OTLP_ENDPOINT": "",
-        }
-        service = ManagedProcess(
-            "inference", [sys.executable, "-m", "services.inference"], env=env, log_path=workdir / "inference.log"
-        ).start()
-        wait_until(lambda: grpc_serving(f"127.0.0.1:{grpc_port}"), 60, what="the inference service")
-        yield Stack(nats.url, f"http://127.0.0.1:{http_port}", triton, repo, service)
+        triton = start_explicit_triton(repo, workdir, MODEL)
+        service, http_url = start_inference_process(
+            workdir,
+            nats.url,
+            triton.grpc_url,
+            LOOM_INFERENCE_MODELS=json.dumps([MODEL]),
+            LOOM_INFERENCE_MODEL_REPOSITORY=str(repo),
+            LOOM_INFERENCE_MODEL_REFRESH_S="2",  # the reconcile loop notices a restarted Triton soon
+            LOOM_INFERENCE_SHADOW_MAX_INFLIGHT="512",  # no copy dropped in these tests
+        )
+        yield Stack(nats.url, http_url, triton, repo, service)
     finally:
         if service is not None:
             print(service.log_tail(60))
             service.stop()
-        print(triton.log_tail(20))
-        triton.close()
+        if triton is not None:
+            print(triton.log_tail(20))
+            triton.close()
         nats.stop()
 
 

@@ -28,20 +28,13 @@ import pytest
 from services.common.launch.mesh import Mesh, free_ports
 from services.inference.router import bucket
 from tests.conftest import MONITOR_TEST_ENV
+from tests.media import SENTENCES, sentence
 from tests.support import TEST_API_KEY, copy_model_repository, eventually, http_json, metric, predict_http
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 FAULTY = ROOT / "tests" / "fixtures" / "models" / "minilm_faulty" / "3"
-SENTENCES = (
-    "the market opened higher as investors weighed new data on inflation and jobs",
-    "our team won the final match after a late goal in extra time",
-    "the new phone has a faster chip and a brighter screen",
-    "doctors recommend more sleep and regular exercise for heart health",
-    "the band announced a world tour with concerts in twelve cities",
-    "heavy rain is expected across the north with strong winds tonight",
-)
 
 
 @pytest.fixture(scope="module")
@@ -78,15 +71,12 @@ def loomctl(m: Mesh, *args: str) -> str:
     return out.stdout
 
 
-WORDS = tuple(word for line in SENTENCES for word in line.split())
-
-
 def text_for(key: str, i: int) -> str:
-    """Varied text, as real traffic is: six fixed sentences give a few clusters of output scores,
+    """Varied text, as real traffic is: a few fixed sentences give a few clusters of output scores,
     and a tiny systematic shift between versions (int8 vs fp32) then moves whole clusters across
     a PSI bin edge, which reads as output drift."""
     rng = random.Random(f"{key}:{i}")
-    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 14))).capitalize() + "."
+    return sentence(rng, rng.randint(4, 14))
 
 
 def ask(m: Mesh, key: str, i: int = 0) -> tuple[int, Any]:

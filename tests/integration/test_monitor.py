@@ -19,23 +19,12 @@ import pytest
 
 from services.common.launch.mesh import Mesh
 from services.common.pb.loom.v1 import monitor_pb2
+from tests.media import sentence
 from tests.support import eventually, http_json, predict_http
 
 pytestmark = pytest.mark.integration
 
 EVAL_S = 1.0
-SENTENCES = (
-    "the market opened higher as investors weighed new data on inflation and jobs",
-    "our team won the final match after a late goal in extra time",
-    "the new phone has a faster chip and a brighter screen",
-    "doctors recommend more sleep and regular exercise for heart health",
-    "the band announced a world tour with concerts in twelve cities",
-)
-WORDS = tuple(word for line in SENTENCES for word in line.split())
-
-
-def sentence(rng: random.Random, words: int) -> str:
-    return " ".join(rng.choice(WORDS) for _ in range(words)).capitalize() + "."
 
 
 def send(mesh: Mesh, texts: list[str], pipeline: str = "embed", workers: int = 8) -> list[dict[str, Any]]:
