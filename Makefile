@@ -6,12 +6,13 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help venv debs proto proto-check models run test unit integration lint bench clean
+.PHONY: help venv debs proto proto-check models run test unit integration lint bench chaos clean
 
 help:
 	@echo "make run    start the whole mesh locally (NATS, Triton, six services)"
 	@echo "make test   install and run the whole test suite"
 	@echo "make bench  measure Triton direct vs through the gateway (writes BENCHMARKS.md)"
+	@echo "make chaos  N=10000: durable requests while replicas are SIGKILLed and a NATS node restarts"
 	@echo "make models export minilm version 2 (fp32 ONNX) into deploy/triton/minilm/2/"
 	@echo "make proto  regenerate services/common/pb from protos/"
 	@echo "make lint   ruff and mypy"
@@ -82,6 +83,11 @@ lint: $(STAMP)
 
 bench: $(STAMP) debs models
 	$(BIN)/python -m tools.bench
+
+# accepted / completed / lost / duplicated on a 3-node NATS cluster under SIGKILLs (tools/chaos.py).
+N ?= 10000
+chaos: $(STAMP) models
+	$(BIN)/python -m tools.chaos -n $(N) --record BENCHMARKS.md
 
 clean:
 	rm -rf $(VENV) $(EXPORT_VENV) $(MINILM_V2) .pytest_cache .mypy_cache .ruff_cache

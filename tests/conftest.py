@@ -31,21 +31,29 @@ def mesh(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     """
     keys = write_keys_file(tmp_path_factory.mktemp("auth") / "keys.json")
     m = Mesh(ports=free_ports(), traces=True, env={**MONITOR_TEST_ENV, **auth_env(keys)}, api_key=TEST_API_KEY)
+    violations: list[str] = []
     try:
         m.start(timeout=240)
         yield m
+        # Each service logs in as itself (deploy/nats/loom.conf): whatever the server refused it is a
+        # permission the configuration lacks, or a service doing what it should not.
+        violations = m.permission_violations()
     finally:
-        failed = request.session.testsfailed > 0
+        failed = request.session.testsfailed > 0 or bool(violations)
         m.stop(remove_workdir=not failed)
         if failed:
             print(f"\nmesh logs kept in {m.workdir / 'logs'}")
+    if violations:
+        pytest.fail("nats-server refused these (deploy/nats/loom.conf):\n" + "\n".join(violations[:30]))
 
 
 @pytest.fixture
 def nats_server() -> Iterator[NatsHandle]:
-    """A fresh NATS server with JetStream for one test."""
+    """A fresh NATS server with JetStream for one test: ``url`` logs in as admin (deploy/nats/loom.conf)."""
     handle = start_nats()
     try:
         yield handle
+        violations = handle.permission_violations()
     finally:
         handle.stop()
+    assert not violations, "nats-server refused these:\n" + "\n".join(violations[:30])

@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tritonclient._plugin import InferenceServerClientPlugin
 
 from services.common.auth import hash_key
-from services.common.launch.nats_server import NatsServer
+from services.common.launch.nats_server import NatsServer, new_passwords, run_provisioning
 from services.common.pb.loom.v1 import gateway_pb2, gateway_pb2_grpc
 
 # --- credentials ---------------------------------------------------------------------------------
@@ -93,8 +93,30 @@ def gateway_channel(target: str, key: str | None = TEST_API_KEY) -> grpc.Channel
 
 @dataclass
 class NatsHandle:
+    """A NATS for one test. ``url`` logs in as admin: the test's own clients may do anything."""
+
     url: str
     stop: Callable[[], None]
+    #: The local server, running deploy/nats/loom.conf (None: a container without authentication).
+    server: NatsServer | None = None
+
+    def login_env(self, user: str) -> dict[str, str]:
+        """The ``LOOM_NATS_*`` settings of a service process that logs in as ``user`` (least privilege)."""
+        return self.server.login_env(user) if self.server is not None else {"LOOM_NATS_URL": self.url}
+
+    def provision(self, workdir: Path, **settings: str) -> None:
+        """Make every stream and bucket (as admin), as ``make run`` does before the services start."""
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+            **settings,
+            **self.login_env("admin"),
+        }
+        run_provisioning(env, workdir / "provision.log")
+
+    def permission_violations(self) -> list[str]:
+        """The server's log lines about refused publishes and subscriptions."""
+        return self.server.permission_violations() if self.server is not None else []
 
 
 def docker_available() -> bool:
@@ -117,8 +139,10 @@ def start_nats() -> NatsHandle:
         wait_for_logs(container, "Server is ready")
         url = f"nats://{container.get_container_host_ip()}:{container.get_exposed_port(4222)}"
         return NatsHandle(url, container.stop)
-    server = NatsServer().start()
-    return NatsHandle(server.url, server.stop)
+    # Loom's least-privilege configuration, fresh passwords: a service process the test starts logs
+    # in as itself (NatsHandle.login_env), the test's own clients as admin.
+    server = NatsServer(passwords=new_passwords()).start()
+    return NatsHandle(server.url_for("admin"), server.stop, server)
 
 
 def http_json(
@@ -175,9 +199,10 @@ def predict_grpc(
         return reply
 
 
-def metric(url: str, name: str, **labels: str) -> float:
-    """Sum of the samples of ``name`` whose labels include ``labels``."""
-    with urllib.request.urlopen(f"{url}/metrics", timeout=5) as resp:
+def metric(url: str, name: str, *, key: str | None = TEST_API_KEY, **labels: str) -> float:
+    """Sum of the samples of ``name`` whose labels include ``labels`` (``/metrics`` needs a viewer's ``key``)."""
+    req = urllib.request.Request(f"{url}/metrics", headers=bearer(key))
+    with urllib.request.urlopen(req, timeout=5) as resp:
         text = resp.read().decode()
     total = 0.0
     for family in text_string_to_metric_families(text):
@@ -277,11 +302,20 @@ def start_explicit_triton(repository: Path, workdir: Path, model: str, timeout: 
     return triton
 
 
-def start_inference_process(workdir: Path, nats_url: str, triton_grpc: str, **settings: str) -> tuple[Any, str]:
+def start_inference_process(
+    workdir: Path, nats: NatsHandle | str, triton_grpc: str, **settings: str
+) -> tuple[Any, str]:
     """The inference service as its own process, no monitor to export to; returns it and its HTTP URL.
 
-    ``settings``: more ``LOOM_*`` variables, e.g. ``LOOM_INFERENCE_MODELS='["minilm"]'``.
+    ``settings``: more ``LOOM_*`` variables, e.g. ``LOOM_INFERENCE_MODELS='["minilm"]'``. Given a
+    :class:`NatsHandle`, JetStream is provisioned first and the service logs in as ``inference``,
+    with only its own permissions; given a URL, it connects with that.
     """
+    if isinstance(nats, NatsHandle):
+        nats.provision(workdir, **settings)
+        login = nats.login_env("inference")
+    else:
+        login = {"LOOM_NATS_URL": nats}
     import sys
 
     from services.common.launch.mesh import ROOT, grpc_serving
@@ -291,11 +325,12 @@ def start_inference_process(workdir: Path, nats_url: str, triton_grpc: str, **se
     env = {
         **os.environ,
         "PYTHONPATH": str(ROOT),
-        "LOOM_NATS_URL": nats_url,
+        **login,
         "LOOM_INFERENCE_TRITON_URL": triton_grpc,
         "LOOM_INFERENCE_GRPC_PORT": str(grpc_port),
         "LOOM_INFERENCE_HTTP_PORT": str(http_port),
         "LOOM_OTLP_ENDPOINT": "",  # no monitor here: spans go to LOOM_TRACES_FILE, if set, only
+        "LOOM_DEV_API_KEY": TEST_API_KEY,  # its /metrics needs credentials, as every service's
         **settings,
     }
     service = ManagedProcess(

@@ -58,6 +58,21 @@ def matches(target: str, prefix: str) -> bool:
     return target == prefix or target.startswith(prefix if prefix.endswith("/") else prefix + "/")
 
 
+def stream_config(replicas: int = 1) -> StreamConfig:
+    """The stream as provisioning makes it (and a service, where NATS runs without authentication)."""
+    return StreamConfig(
+        name=STREAM,
+        description="Loom audit log: admin actions and rollout decisions (append-only)",
+        subjects=[SUBJECTS],
+        storage=StorageType.FILE,
+        deny_delete=True,
+        deny_purge=True,
+        max_bytes=MAX_BYTES,
+        discard=DiscardPolicy.OLD,
+        num_replicas=replicas,
+    )
+
+
 class AuditLog:
     """Appends entries to, and reads the newest back from, the ``LOOM_AUDIT`` stream."""
 
@@ -70,16 +85,7 @@ class AuditLog:
         return self.bus.nc.jetstream()
 
     def _config(self) -> StreamConfig:
-        return StreamConfig(
-            name=STREAM,
-            description="Loom audit log: admin actions and rollout decisions (append-only)",
-            subjects=[SUBJECTS],
-            storage=StorageType.FILE,
-            deny_delete=True,
-            deny_purge=True,
-            max_bytes=MAX_BYTES,
-            discard=DiscardPolicy.OLD,
-        )
+        return stream_config()
 
     async def start(self) -> None:
         """Create the stream, or check that the existing one refuses deletes and purges."""

@@ -13,7 +13,10 @@ A caller proves who it is with ``Authorization: Bearer <API key or JWT>`` or
 
 A verified caller is a :class:`Principal`: a name (the key's id or the JWT's
 subject), a tenant and :class:`Role` s. ``admin`` may do everything; what the
-other roles allow is the gateway's table (``services/gateway/access.py``).
+other roles allow is each service's access table (``services/common/access.py``
+enforces them; ``services/gateway/access.py`` and ``services/monitor/api.py``
+hold the tables). Every service authenticates with the same settings
+(:class:`AuthSettings`), so one key or JWT works across the mesh.
 Failures are typed (:class:`Refused` is UNAUTHENTICATED, :class:`Forbidden`
 PERMISSION_DENIED) and carry a short ``reason`` for metrics and the audit log.
 """
@@ -36,7 +39,7 @@ import jwt
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from services.common.errors import LoomError, PermissionDenied, Unauthenticated, Unavailable
-from services.common.settings import CommonSettings
+from services.common.tls import TlsSettings
 
 #: What the audit log names a caller it could not identify.
 UNKNOWN = "unknown"
@@ -106,7 +109,7 @@ _CURRENT: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("loo
 
 
 def current() -> Principal | None:
-    """The principal of the call being handled in this task (set by the gateway's middleware or interceptor)."""
+    """The principal of the call being handled in this task (set by the access middleware or interceptor)."""
     return _CURRENT.get()
 
 
@@ -351,8 +354,11 @@ class Authenticator:
 # --- settings ------------------------------------------------------------------------------------
 
 
-class AuthSettings(CommonSettings):
-    """Authentication settings (``LOOM_AUTH_*`` and ``LOOM_DEV_API_KEY``); the gateway's settings include them."""
+class AuthSettings(TlsSettings):
+    """Authentication settings (``LOOM_AUTH_*``, ``LOOM_DEV_API_KEY``), with TLS's (``LOOM_TLS_*``).
+
+    Every service's settings include them: each one checks credentials on its own ports.
+    """
 
     auth_keys_file: str = Field(
         "",
@@ -382,6 +388,11 @@ class AuthSettings(CommonSettings):
         "(loom_auth_failures_total counts all).",
     )
     auth_audit_per_second: int = Field(50, description="Refused calls audited per second from all sources together.")
+    auth_open_metrics: bool = Field(
+        False,
+        description="Serve /metrics without credentials. Off: a scraper needs the role viewer (Prometheus: "
+        "authorization.credentials_file); turn on only where the HTTP port is reachable by the scraper alone.",
+    )
 
     @field_validator("auth_jwt_secret")
     @classmethod

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Iterator
@@ -27,7 +28,9 @@ from prometheus_client.core import REGISTRY, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from services.common import metrics
+from services.common import retry as retrying
 from services.common.errors import NATS_ERROR_CODE, DeadlineExceeded, Unavailable, error_from_nats_headers
+from services.common.nats_options import NatsOptions, inbox_prefix, redact
 from services.common.telemetry import extract, inject
 
 log = logging.getLogger(__name__)
@@ -38,6 +41,15 @@ MsgHandler = Callable[[Msg], Awaitable[None]]
 def _metric_subject(subject: str) -> str:
     # Inbox subjects are unique per caller: keep them out of metric labels.
     return "_INBOX" if subject.startswith("_INBOX") else subject
+
+
+def _is_refusal(exc: BaseException) -> bool:
+    """A failure that waiting does not cure: wrong credentials, a certificate one side does not trust."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return True
+    if isinstance(exc, ssl.SSLError) and "ALERT" in str(exc.reason or ""):  # the server refused our certificate
+        return True
+    return "authorization violation" in str(exc).lower()
 
 
 class _PendingCollector(Collector):
@@ -74,6 +86,8 @@ class Bus:
         self._nc: NATS | None = None
         self._subs: list[Subscription] = []
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Durable-lane pull workers (services.common.durable.PullWorker): stopped first on drain.
+        self.workers: list[Any] = []
         self._tracer = trace.get_tracer("loom.bus")
         self._closing = False
         self._slow_logged: dict[str, float] = {}
@@ -89,26 +103,52 @@ class Bus:
     def connected(self) -> bool:
         return self._nc is not None and self._nc.is_connected
 
-    async def connect(self, servers: str, *, timeout: float = 30.0) -> None:
-        """Connect, retrying until ``timeout``; later outages reconnect forever."""
+    async def connect(self, servers: str, *, timeout: float = 30.0, options: NatsOptions | None = None) -> None:
+        """Connect; later outages reconnect forever.
+
+        ``options`` holds the credentials and TLS of the ``LOOM_NATS_*`` settings
+        (a ``user:password@`` in a URL works too). Replies and JetStream answers
+        come to ``_INBOX.<service>``, so the server can allow each service to
+        read its own inbox only (deploy/nats/loom.conf). An unreachable server is
+        waited for; a refused login or certificate fails at once, as Unavailable.
+        """
         urls = [s.strip() for s in servers.split(",") if s.strip()]
+        extra = options.connect_kwargs() if options is not None else {}
         deadline = time.monotonic() + timeout
+        refused: asyncio.Future[Exception] = asyncio.get_running_loop().create_future()
+
+        async def on_error(exc: Exception) -> None:
+            # nats-py retries a refused login inside connect() forever: stop waiting here instead.
+            if not refused.done() and _is_refusal(exc):
+                refused.set_result(exc)
+            await self._on_error(exc)
+
         while True:
-            try:
-                self._nc = await nats.connect(
+            attempt = asyncio.ensure_future(
+                nats.connect(
                     servers=urls,
                     name=self.service,
+                    inbox_prefix=inbox_prefix(self.service),
                     connect_timeout=2,
                     reconnect_time_wait=0.5,
                     max_reconnect_attempts=-1,
-                    error_cb=self._on_error,
+                    error_cb=on_error,
                     disconnected_cb=self._on_disconnected,
                     reconnected_cb=self._on_reconnected,
+                    **extra,
                 )
+            )
+            waiting: set[asyncio.Future[Any]] = {attempt, refused}
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            if refused.done():
+                attempt.cancel()
+                raise Unavailable(f"NATS at {redact(servers)} refused {self.service}: {refused.result()}")
+            try:
+                self._nc = attempt.result()
                 return
             except Exception as exc:  # nats raises several unrelated types here
                 if time.monotonic() > deadline:
-                    raise Unavailable(f"cannot connect to NATS at {servers}: {exc}") from exc
+                    raise Unavailable(f"cannot connect to NATS at {redact(servers)}: {exc}") from exc
                 await asyncio.sleep(0.5)
 
     async def _on_error(self, exc: Exception) -> None:
@@ -186,17 +226,41 @@ class Bus:
             self._outbox = self._sender = None
 
     async def request(
-        self, subject: str, payload: bytes, *, timeout: float, headers: dict[str, str] | None = None
+        self,
+        subject: str,
+        payload: bytes,
+        *,
+        timeout: float,
+        headers: dict[str, str] | None = None,
+        retry: retrying.Backoff | None = None,
     ) -> Msg:
-        """Request/reply inside a CLIENT span; no responder is UNAVAILABLE, silence DEADLINE_EXCEEDED."""
+        """Request/reply inside a CLIENT span; no responder is UNAVAILABLE, silence DEADLINE_EXCEEDED.
+
+        ``retry``, for idempotent questions only: "no responders" (the service has not
+        subscribed yet, right after a start) is asked again with jittered backoff, all
+        within ``timeout``; each retry counts in ``loom_retries_total{service,step=<subject>}``.
+        """
         attrs: dict[str, str | int] = {
             "messaging.system": "nats",
             "messaging.operation.type": "send",
             "messaging.destination.name": subject,
         }
+        deadline = time.monotonic() + timeout
+
+        async def ask() -> Msg:
+            left = max(deadline - time.monotonic(), 0.001)
+            return await self.nc.request(subject, payload, timeout=left, headers=inject(dict(headers or {})))
+
         with self._tracer.start_as_current_span(f"send {subject}", kind=SpanKind.CLIENT, attributes=attrs):
             try:
-                reply = await self.nc.request(subject, payload, timeout=timeout, headers=inject(dict(headers or {})))
+                reply = await retrying.retry(
+                    ask,
+                    policy=retry or retrying.ONCE,
+                    retryable=lambda exc: isinstance(exc, nats.errors.NoRespondersError),
+                    deadline=deadline,
+                    service=self.service,
+                    step=_metric_subject(subject),
+                )
             except nats.errors.NoRespondersError:
                 raise Unavailable(f"no service answers on {subject}") from None
             except nats.errors.TimeoutError:
@@ -281,6 +345,9 @@ class Bus:
 
     async def drain(self, grace: float) -> None:
         """Stop taking messages, then wait up to ``grace`` s for handlers."""
+        for worker in self.workers:  # unfinished durable work is redelivered to another replica
+            await worker.stop(grace)
+        self.workers.clear()
         for sub in self._subs:
             with contextlib.suppress(Exception):
                 await sub.drain()  # type: ignore[no-untyped-call]  # handles what the client already queued

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import uuid
 
+from nats.js.api import ObjectStoreConfig
 from nats.js.errors import BucketNotFoundError, NotFoundError
 from nats.js.object_store import ObjectStore
 from prometheus_client import Counter
@@ -38,6 +39,12 @@ CLAIMS = Counter(
 CLAIM_BYTES = Counter("loom_claim_check_bytes_total", "Bytes moved through the object store.", ["service", "op"])
 
 
+def store_config(bucket: str, ttl_s: float, replicas: int = 1) -> ObjectStoreConfig:
+    """The object store as provisioning makes it (and a service, where NATS runs without authentication)."""
+    description = "Loom claim check: large inputs and tensors in transit"
+    return ObjectStoreConfig(bucket=bucket, ttl=ttl_s, description=description, replicas=replicas)
+
+
 class ClaimCheck:
     def __init__(self, bus: Bus, service: str, bucket: str, *, ttl_s: float, threshold: int = 0) -> None:
         self.bus = bus
@@ -48,13 +55,17 @@ class ClaimCheck:
         self._store: ObjectStore | None = None
 
     async def start(self) -> None:
+        """Open the object store, creating it if missing and allowed."""
         js = self.bus.nc.jetstream()
         try:
             self._store = await js.object_store(self.bucket)
         except BucketNotFoundError:
-            self._store = await js.create_object_store(
-                self.bucket, ttl=self.ttl_s, description="Loom claim check: large inputs and tensors in transit"
-            )
+            try:
+                self._store = await js.create_object_store(self.bucket, config=store_config(self.bucket, self.ttl_s))
+            except Exception as exc:  # least privilege: provisioning makes the buckets
+                raise Unavailable(
+                    f"object store {self.bucket!r} is missing: {exc} (run services.common.provision)"
+                ) from exc
 
     @property
     def threshold(self) -> int:

@@ -1,5 +1,9 @@
 """One start/stop order for every service.
 
+Both servers check credentials before anything else (``services.common.access``:
+only the health checks are open) and serve TLS when ``LOOM_TLS_CERT`` and
+``LOOM_TLS_KEY`` are set (``services.common.tls``).
+
 Start: gRPC and HTTP servers up (health NOT_SERVING), connect to NATS, open
 the claim-check object store and the pipeline specs (watched from KV), let
 the service load and subscribe, then mark ready. Stop on SIGTERM/SIGINT: mark not
@@ -19,13 +23,19 @@ from typing import ClassVar
 
 import grpc
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from services.common import metrics
+from services.common import metrics, tls
+from services.common.access import AccessTable, AuthInterceptor, Gate, http_middleware
+from services.common.audit import AuditLog
+from services.common.auth import AuthSettings
 from services.common.bus import Bus
 from services.common.claims import ClaimCheck
+from services.common.durable import LaneSettings, ensure_lane
+from services.common.nats_options import NatsOptions
 from services.common.pipeline_store import PipelineStore
 from services.common.pipelines import PipelineRegistry
 from services.common.settings import CommonSettings
@@ -46,6 +56,8 @@ class Runtime:
     pipelines: PipelineRegistry
     store: PipelineStore
     claims: ClaimCheck
+    #: How the durable lane behaves; None when this replica takes no durable work (LOOM_DURABLE=false).
+    lane: LaneSettings | None = None
 
     @classmethod
     def create(cls, service: str, settings: CommonSettings) -> Runtime:
@@ -61,6 +73,7 @@ class Runtime:
             ClaimCheck(
                 bus, service, settings.blob_bucket, ttl_s=settings.blob_ttl_s, threshold=settings.claim_check_bytes
             ),
+            LaneSettings.from_settings(settings) if settings.durable else None,
         )
 
 
@@ -71,8 +84,15 @@ class Service:
     #: gRPC service names reported by the health service besides "".
     grpc_service_names: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, settings: CommonSettings) -> None:
+    def __init__(self, settings: AuthSettings) -> None:
         self.settings = settings
+
+    def access(self) -> AccessTable:
+        """What this service's routes and methods need (unlisted: admin only).
+
+        The runtime adds its own: the health checks open, ``/metrics`` for viewers.
+        """
+        return AccessTable()
 
     def bind(self, rt: Runtime) -> None:
         """Build adapters around the runtime; called before any server starts."""
@@ -93,15 +113,16 @@ class Service:
         return []
 
     def grpc_interceptors(self) -> list[grpc.aio.ServerInterceptor]:
-        """Server interceptors, outermost first (the gateway's authentication)."""
+        """Server interceptors, outermost first, inside the runtime's authentication."""
         return []
 
     def http_client_max_size(self) -> int:
         return 1024**2
 
 
-def _base_app(rt: Runtime, service: Service) -> web.Application:
-    app = web.Application(client_max_size=service.http_client_max_size())
+def _base_app(rt: Runtime, service: Service, authenticate: Middleware) -> web.Application:
+    # Authentication first: outside every middleware a service adds.
+    app = web.Application(client_max_size=service.http_client_max_size(), middlewares=[authenticate])
 
     async def metrics_view(_: web.Request) -> web.Response:
         return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -130,8 +151,14 @@ async def serve(service: Service) -> None:
     settings = service.settings
     name = service.name
     setup_logging(name, settings.log_level, settings.replica_id)
+    # Spans to an https:// endpoint (the monitor under TLS) trust LOOM_TLS_CA, and present this service's pair.
+    otlp_tls = settings.client_tls().channel_credentials() if settings.otlp_endpoint.startswith("https://") else None
     provider = setup_tracing(
-        name, traces_file=settings.traces_file, replica_id=settings.replica_id, otlp_endpoint=settings.otlp_endpoint
+        name,
+        traces_file=settings.traces_file,
+        replica_id=settings.replica_id,
+        otlp_endpoint=settings.otlp_endpoint,
+        otlp_credentials=otlp_tls,
     )
     rt = Runtime.create(name, settings)
     stop = asyncio.Event()
@@ -140,21 +167,35 @@ async def serve(service: Service) -> None:
         loop.add_signal_handler(sig, stop.set)
 
     service.bind(rt)
-    server = grpc.aio.server(options=service.grpc_options(), interceptors=service.grpc_interceptors())
+    # A keys file that cannot be read or parsed stops the start here, before any port opens.
+    gate = Gate.from_settings(settings, AuditLog(rt.bus, service=name))
+    table = service.access().served(open_metrics=settings.auth_open_metrics)
+    interceptors = [AuthInterceptor(gate, table), *service.grpc_interceptors()]
+    server = grpc.aio.server(options=service.grpc_options(), interceptors=interceptors)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     service.add_grpc(server)
     names = (*service.grpc_service_names, name)
     await _set_health(health, names, serving=False)
-    server.add_insecure_port(f"{settings.bind_host}:{settings.grpc_port}")
+    # Certificates are read here, before any port opens: a bad file fails the start.
+    credentials, ssl_context = tls.server_credentials(settings), tls.server_ssl_context(settings)
+    address = f"{settings.bind_host}:{settings.grpc_port}"
+    if credentials is None:
+        server.add_insecure_port(address)
+    else:
+        server.add_secure_port(address, credentials)
     await server.start()
-    runner = web.AppRunner(_base_app(rt, service), shutdown_timeout=settings.drain_grace_s, access_log=None)
+    app = _base_app(rt, service, http_middleware(gate, table))
+    runner = web.AppRunner(app, shutdown_timeout=settings.drain_grace_s, access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, settings.bind_host, settings.http_port).start()
-    log.info("%s listening: grpc %s, http %s", name, settings.grpc_port, settings.http_port)
+    await web.TCPSite(runner, settings.bind_host, settings.http_port, ssl_context=ssl_context).start()
+    mode = "plaintext" if ssl_context is None else "mutual TLS" if settings.tls_client_ca else "TLS"
+    log.info("%s listening: grpc %s, http %s (%s)", name, settings.grpc_port, settings.http_port, mode)
 
     async def start() -> None:
-        await rt.bus.connect(settings.nats_url)
+        await rt.bus.connect(settings.nats_url, options=NatsOptions.from_settings(settings))
+        if rt.lane is not None:
+            await ensure_lane(rt.bus.nc.jetstream(), rt.lane)
         await rt.claims.start()
         await rt.store.start()
         await service.start(rt)

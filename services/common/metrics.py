@@ -47,3 +47,28 @@ AUTH_AUDIT_SUPPRESSED = Counter(
     "loom_auth_audit_suppressed_total",
     "Refused calls not written to the audit log because their source, or all sources together, hit the rate limit.",
 )
+
+# Durable lane.
+DURABLE = Counter(
+    "loom_durable_messages_total",
+    "Durable-lane messages handled, by outcome: accepted, forwarded, retried, rejected, answered, duplicate.",
+    ["service", "stage", "outcome"],
+)
+DEAD_LETTERS = Counter(
+    "loom_dead_letters_total", "Messages moved to the LOOM_DLQ stream, by stage.", ["service", "stage"]
+)
+
+# Faults: retries of idempotent steps (services/common/retry.py).
+RETRIES = Counter(
+    "loom_retries",
+    "Retries of idempotent steps after a transient failure (Triton inference, NATS requests met by no responders).",
+    ["service", "step"],
+)
+
+# Gateway admission control (services/gateway/admission.py); its calls in flight: loom_inflight{service="gateway"}.
+ADMISSION_REJECTED = Counter(
+    "loom_admission_rejected",
+    "Calls the gateway refused with RESOURCE_EXHAUSTED (HTTP 429): at its in-flight limit (inflight, admin_inflight) "
+    "or the tenant over its rate (rate).",
+    ["reason", "tenant"],
+)

@@ -16,12 +16,13 @@ import contextlib
 import logging
 from pathlib import Path
 
+from nats.js.api import KeyValueConfig
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 from prometheus_client import Counter
 
 from services.common.bus import Bus
-from services.common.errors import InvalidArgument
+from services.common.errors import InvalidArgument, Unavailable
 from services.common.pipelines import PipelineRegistry, PipelineSpec, load_dir, parse_spec, to_yaml
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,12 @@ SPEC_UPDATES = Counter(
     "Pipeline spec changes seen in KV, by result (applied, rejected, deleted).",
     ["service", "result"],
 )
+
+
+def bucket_config(bucket: str, replicas: int = 1) -> KeyValueConfig:
+    """The bucket as provisioning makes it (and a service, where NATS runs without authentication)."""
+    # History 5: the last few versions of a spec stay readable for a rollback by hand.
+    return KeyValueConfig(bucket=bucket, history=5, description="Loom pipeline specs", replicas=replicas)
 
 
 class PipelineStore:
@@ -46,13 +53,17 @@ class PipelineStore:
         self._initial = asyncio.Event()
 
     async def start(self) -> None:
-        """Open (or create) the bucket, load what it holds and follow changes."""
+        """Open the bucket (creating it if missing and allowed), load what it holds and follow changes."""
         js = self.bus.nc.jetstream()
         try:
             self._kv = await js.key_value(self.bucket)
         except BucketNotFoundError:
-            # History 5: the last few versions of a spec stay readable for a rollback by hand.
-            self._kv = await js.create_key_value(bucket=self.bucket, history=5, description="Loom pipeline specs")
+            try:
+                self._kv = await js.create_key_value(bucket_config(self.bucket))
+            except Exception as exc:  # least privilege: provisioning makes the buckets
+                raise Unavailable(
+                    f"KV bucket {self.bucket!r} is missing: {exc} (run services.common.provision)"
+                ) from exc
         watcher = await self._kv.watchall()
         self._task = asyncio.create_task(self._follow(watcher), name=f"{self.service}-pipelines")
         await asyncio.wait_for(self._initial.wait(), timeout=10.0)

@@ -13,6 +13,9 @@ from typing import Any
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+#: Messages a stage's subscription holds waiting, unless LOOM_STAGE_QUEUE says otherwise.
+STAGE_QUEUE = 2048
+
 
 def service_field(service: str, name: str, default: Any, description: str) -> Any:
     """A field read from ``LOOM_<SERVICE>_<NAME>``."""
@@ -26,6 +29,24 @@ class CommonSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LOOM_", extra="ignore", populate_by_name=True)
 
     nats_url: str = Field("nats://127.0.0.1:4222", description="NATS server URL(s), comma separated.")
+    nats_user: str = Field(
+        "",
+        description="NATS user this service logs in as (deploy/nats/loom.conf has one per service, allowed only "
+        "its own subjects). Empty: no user (or the user:password of LOOM_NATS_URL).",
+    )
+    nats_password: str = Field("", repr=False, description="Password of LOOM_NATS_USER.")
+    nats_creds: str = Field(
+        "", description="NATS credentials file (user JWT and NKey seed) instead of a user and password."
+    )
+    nats_tls_ca: str = Field(
+        "",
+        description="PEM CA bundle to verify the NATS server's certificate against; setting it (or "
+        "LOOM_NATS_TLS_CERT) turns TLS on. Empty: plaintext, or the system's roots for tls:// URLs.",
+    )
+    nats_tls_cert: str = Field(
+        "", description="PEM client certificate for NATS servers that verify clients (with LOOM_NATS_TLS_KEY)."
+    )
+    nats_tls_key: str = Field("", repr=False, description="PEM private key of LOOM_NATS_TLS_CERT.")
     bind_host: str = Field("127.0.0.1", description="Address the gRPC and HTTP servers listen on.")
     log_level: str = Field("INFO", description="Python log level.")
     traces_file: str = Field(
@@ -57,6 +78,39 @@ class CommonSettings(BaseSettings):
         0, description="Messages above this size park their large fields in the object store; 0: max_payload - 64 KiB."
     )
 
+    js_replicas: int = Field(
+        1, ge=1, le=5, description="Replicas of the JetStream streams and buckets Loom makes (3 on a NATS cluster)."
+    )
+    durable: bool = Field(True, description="Also take durable-lane work (JetStream loom.work.*) besides core NATS.")
+    durable_max_deliver: int = Field(
+        8, ge=1, description="Tries of one durable message before it goes to the dead-letter stream LOOM_DLQ."
+    )
+    durable_backoff_s: float = Field(
+        1.0, gt=0, description="First pause before a durable message that failed transiently is tried again."
+    )
+    durable_backoff_max_s: float = Field(
+        30.0, gt=0, description="Longest pause between tries (full jitter: a random pause up to 1, 2, 4, ... s)."
+    )
+    durable_ack_wait_s: float = Field(
+        10.0,
+        gt=0,
+        description="A durable message whose replica stops reporting progress (it crashed) is delivered again "
+        "after this long; live work reports progress every third of it.",
+    )
+    durable_attempt_s: float = Field(
+        60.0, gt=0, description="Longest one try of a durable message may take, queueing included (a hung call)."
+    )
+    durable_concurrency: int = Field(64, ge=1, description="Durable messages one stage handles at once.")
+    results_ttl_s: float = Field(86_400.0, gt=0, description="How long durable results stay readable (GetResult).")
+
     # Each service overrides these two with LOOM_<SERVICE>_GRPC_PORT / _HTTP_PORT.
     grpc_port: int = Field(0, description="gRPC port (health and the service's API).")
     http_port: int = Field(0, description="HTTP port (/metrics, /healthz, /readyz).")
+
+    stage_queue: int = Field(
+        STAGE_QUEUE,
+        ge=0,
+        description="Messages a stage's subscription (preprocess, inference, postprocess, fusion) may hold waiting "
+        "(and 4 KiB per message in bytes); beyond it the NATS client drops them, counted in "
+        "loom_nats_slow_consumer_drops_total, rather than grow memory. 0: the client's default (512k, 128 MiB).",
+    )

@@ -16,18 +16,24 @@ from collections.abc import Awaitable, Callable
 
 from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
+from nats.js import JetStreamContext
 
-from services.common import envelope, metrics
+from services.common import durable, envelope, metrics
 from services.common.bus import Bus
 from services.common.claims import ClaimCheck
+from services.common.durable import LaneSettings
 from services.common.errors import Code, DeadlineExceeded, as_loom_error, to_proto
 from services.common.events import TelemetryPublisher
 from services.common.pb.loom.v1 import envelope_pb2 as pb
+from services.common.settings import STAGE_QUEUE
+from services.common.telemetry import inject
 
 log = logging.getLogger(__name__)
 
 Stats = dict[str, float]
 Handler = Callable[[pb.Part], Awaitable[Stats | None]]
+#: Failures a durable part is tried again for (later, maybe on another replica); others answer with the error.
+RETRYABLE = frozenset({Code.UNAVAILABLE, Code.RESOURCE_EXHAUSTED, Code.DEADLINE_EXCEEDED, Code.INTERNAL})
 
 
 class StageRunner:
@@ -43,8 +49,14 @@ class StageRunner:
         claims: ClaimCheck | None = None,
         carry_stats: bool = False,
         report_features: bool = False,
+        lane: LaneSettings | None = None,
+        pending_limit: int = STAGE_QUEUE,
     ) -> None:
         self.bus = bus
+        #: Messages waiting for this stage beyond which NATS drops (and bus.py counts) them: LOOM_STAGE_QUEUE.
+        self.pending_limit = pending_limit
+        #: Also take this subject's durable twin (``loom.work.*``) from JetStream; None: core NATS only.
+        self.lane = lane
         #: Also leave the handler's statistics on the part (``Part.features``) for a later stage.
         self.carry_stats = carry_stats
         #: Report the features an earlier stage left, with this stage's model version, then clear them.
@@ -58,7 +70,10 @@ class StageRunner:
 
     async def start(self) -> None:
         # The queue group is the service: replicas share the work.
-        await self.bus.subscribe(self.subject, self.on_message, queue=self.service)
+        await self.bus.subscribe(self.subject, self.on_message, queue=self.service, pending_limit=self.pending_limit)
+        if self.lane is not None:
+            work = durable.work_subject(self.subject)
+            await durable.PullWorker(self.bus, durable.WORK_STREAM, work, self.on_work, self.lane).start()
 
     async def on_message(self, msg: Msg) -> None:
         try:
@@ -75,6 +90,13 @@ class StageRunner:
             return
         envelope.pop_step(part, self.subject)
         stats, code, elapsed_ms = await self._run(part)
+        target, stats = self._finish(part, stats, code, elapsed_ms)
+        if target is not None:
+            await self._publish(target, part)
+        await self.telemetry.emit(self.subject, part=part, duration_ms=elapsed_ms, code=code, stats=stats)
+
+    def _finish(self, part: pb.Part, stats: Stats, code: str, elapsed_ms: float) -> tuple[str | None, Stats]:
+        """Leave the stage's statistics and timing on the part; return where it goes next and what to report."""
         if self.carry_stats and stats:
             part.features.clear()
             part.features.update(stats)
@@ -88,11 +110,49 @@ class StageRunner:
         target = envelope.next_subject(part)
         if target is None:
             log.error("part %s/%s has an empty routing slip", part.request_id, part.part_id)
-        else:
-            await self._publish(target, part)
-        await self.telemetry.emit(self.subject, part=part, duration_ms=elapsed_ms, code=code, stats=stats)
+        return target, stats
 
-    async def _publish(self, target: str, part: pb.Part) -> None:
+    async def on_work(self, msg: Msg) -> None:
+        """One durable part: work, store the next hop, then ack; transient failures are tried again."""
+        assert self.lane is not None
+        js = self.bus.nc.jetstream()
+        stage = durable.consumer_name(msg.subject)
+        tries = durable.deliveries(msg)
+        if tries > self.lane.max_deliver:
+            reason = f"not acknowledged after {tries - 1} deliveries (a replica crashed or hung on it)"
+            return await durable.dead_letter(js, self.service, stage, msg, reason)
+        try:
+            part = pb.Part.FromString(msg.data)
+        except DecodeError:
+            return await durable.dead_letter(js, self.service, stage, msg, "undecodable loom.v1.Part")
+        envelope.pop_step(part, self.subject)
+        if envelope.expired(part):
+            # Never processed: the part goes on to fusion as DEADLINE_EXCEEDED, so the request still gets its answer.
+            metrics.DEADLINE_DROPS.labels(self.service, self.subject).inc()
+            err = DeadlineExceeded(f"{self.service}: the deadline passed before the work started")
+            part.error.CopyFrom(to_proto(err, self.service))
+            stats: Stats = {}
+            code: str = Code.DEADLINE_EXCEEDED
+            elapsed_ms = 0.0
+        else:
+            stats, code, elapsed_ms = await self._run(part, limit_s=self.lane.attempt_s)
+        if code in RETRYABLE and not envelope.expired(part):
+            if tries < self.lane.max_deliver:
+                metrics.DURABLE.labels(self.service, stage, "retried").inc()
+                await msg.nak(delay=durable.backoff_s(tries, base=self.lane.backoff_s, cap=self.lane.backoff_max_s))
+                return None
+            reason = f"{code} on each of {tries} tries: {part.error.message}"
+            return await durable.dead_letter(js, self.service, stage, msg, reason)
+        target, stats = self._finish(part, stats, code, elapsed_ms)
+        if target is not None:
+            await self._publish(target, part, js=js)
+        await msg.ack()
+        metrics.DURABLE.labels(self.service, stage, "forwarded").inc()
+        await self.telemetry.emit(self.subject, part=part, duration_ms=elapsed_ms, code=code, stats=stats)
+        return None
+
+    async def _publish(self, target: str, part: pb.Part, *, js: JetStreamContext | None = None) -> None:
+        """Send the part on; with ``js`` (durable) store it on the target's twin, once per hop."""
         if part.HasField("error"):
             # A failed part goes straight to fusion, which needs no inputs.
             for name in ("data", "blob", "tensors"):
@@ -102,19 +162,28 @@ class StageRunner:
                 await self.claims.offload(part)
             except Exception as exc:
                 part.error.CopyFrom(to_proto(as_loom_error(exc), self.service))
-                return await self._publish(envelope.next_subject(part) or target, part)
-        await self.bus.publish(target, part.SerializeToString())
+                return await self._publish(envelope.next_subject(part) or target, part, js=js)
+        if js is None:
+            await self.bus.publish(target, part.SerializeToString())
+            return
+        msg_id = durable.part_msg_id(part.request_id, part.part_id, len(part.slip))
+        headers = inject({})
+        if not await durable.publish_once(js, durable.work_subject(target), part.SerializeToString(), msg_id, headers):
+            metrics.DURABLE.labels(self.service, durable.consumer_name(target), "duplicate").inc()
 
     async def _call(self, part: pb.Part) -> Stats | None:
         if self.claims is not None:
             await self.claims.restore(part)
         return await self.handler(part)
 
-    async def _run(self, part: pb.Part) -> tuple[Stats, str, float]:
+    async def _run(self, part: pb.Part, *, limit_s: float | None = None) -> tuple[Stats, str, float]:
         start = time.perf_counter()
         metrics.INFLIGHT.labels(self.service).inc()
+        timeout = max(envelope.remaining_s(part), 0.001)
+        if limit_s is not None:
+            timeout = min(timeout, limit_s)
         try:
-            stats = await asyncio.wait_for(self._call(part), timeout=max(envelope.remaining_s(part), 0.001))
+            stats = await asyncio.wait_for(self._call(part), timeout=timeout)
             code = Code.OK
         except Exception as exc:  # every failure is reported on the part
             if isinstance(exc, TimeoutError):

@@ -138,9 +138,19 @@ def span_to_dict(span: ReadableSpan) -> dict[str, Any]:
 
 
 def setup_tracing(
-    service: str, *, traces_file: str = "", replica_id: str = "", otlp_endpoint: str = ""
+    service: str,
+    *,
+    traces_file: str = "",
+    replica_id: str = "",
+    otlp_endpoint: str = "",
+    otlp_credentials: Any = None,
 ) -> TracerProvider:
-    """Install a global tracer provider for ``service`` and return it."""
+    """Install a global tracer provider for ``service`` and return it.
+
+    ``otlp_credentials`` (``grpc.ChannelCredentials``) verify an ``https://`` ``otlp_endpoint``. The
+    exporter sends ``OTEL_EXPORTER_OTLP_HEADERS`` (the standard variable) with every export: that is
+    where a service's credential for the monitor's span ingest goes.
+    """
     attrs: dict[str, Any] = {"service.name": service, "service.namespace": "loom"}
     attrs["service.instance.id"] = replica_id or f"{service}-{os.getpid()}"
     provider = TracerProvider(resource=Resource.create(attrs))
@@ -151,7 +161,12 @@ def setup_tracing(
     elif otlp_endpoint:
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-        exporter = OTLPSpanExporter(endpoint=otlp_endpoint, insecure=otlp_endpoint.startswith("http://"), timeout=5)
+        exporter = OTLPSpanExporter(
+            endpoint=otlp_endpoint,
+            insecure=otlp_endpoint.startswith("http://"),
+            credentials=otlp_credentials,
+            timeout=5,
+        )
         provider.add_span_processor(BatchSpanProcessor(MaskingSpanExporter(exporter), schedule_delay_millis=500))
     if traces_file:
         file_exporter = MaskingSpanExporter(JsonLinesSpanExporter(traces_file))

@@ -134,6 +134,7 @@ class TritonServer:
         extra_args: Sequence[str] = (),
         trace_otlp_url: str | None = None,
         trace_service_name: str | None = None,
+        trace_api_key: str = "",
         model_control_mode: str = "none",
         load_models: Sequence[str] = (),
         model_config_name: str | None = None,
@@ -151,6 +152,8 @@ class TritonServer:
         self.extra_args = list(extra_args)
         self.trace_otlp_url = trace_otlp_url
         self.trace_service_name = trace_service_name
+        #: Sent as ``x-api-key`` with every span export (the Loom monitor's ingest needs credentials).
+        self.trace_api_key = trace_api_key
         self.model_control_mode = model_control_mode
         self.load_models = list(load_models)
         self.model_config_name = model_config_name
@@ -226,6 +229,10 @@ class TritonServer:
         env["LD_LIBRARY_PATH"] = os.pathsep.join(libs)
         bindir = os.path.dirname(os.path.abspath(sys.executable))
         env["PATH"] = os.pathsep.join([bindir, env.get("PATH", os.defpath)])
+        if self.trace_api_key:
+            # Triton's OTLP/HTTP exporter (opentelemetry-cpp 1.13) reads its headers from here and sends
+            # the values as written, without URL-decoding: x-api-key, not "authorization=Bearer%20...".
+            env["OTEL_EXPORTER_OTLP_TRACES_HEADERS"] = f"x-api-key={self.trace_api_key}"
         return env
 
     def command(self, backend_directory: Path | None = None) -> list[str]:

@@ -17,6 +17,7 @@ from services.common.lifecycle import Runtime, Service
 from services.common.pb.loom.v1 import envelope_pb2 as pb
 from services.common.pipelines import PipelineRegistry
 from services.fusion.collector import Collector, Pending, fuse
+from services.fusion.durable import DurableFusion
 from services.fusion.settings import FusionSettings
 
 log = logging.getLogger(__name__)
@@ -41,8 +42,10 @@ class Fusion(Service):
         self._telemetry = TelemetryPublisher(rt.bus, self.name)
         for partition in self.fs.owned_partitions():
             # No queue group: a partition belongs to exactly one replica.
-            await rt.bus.subscribe(subjects.fuse(partition), self.on_part)
+            await rt.bus.subscribe(subjects.fuse(partition), self.on_part, pending_limit=rt.settings.stage_queue)
         log.info("fusion owns partitions %s of %d", self.fs.owned_partitions(), self.fs.fusion_partitions)
+        if rt.lane is not None:
+            await DurableFusion(rt.bus, rt.lane, rt.pipelines, self._telemetry).start()
 
     async def on_part(self, msg: Msg) -> None:
         started = time.perf_counter()

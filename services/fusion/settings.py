@@ -1,9 +1,10 @@
 from __future__ import annotations
 
-from services.common.settings import CommonSettings, service_field
+from services.common.auth import AuthSettings
+from services.common.settings import service_field
 
 
-class FusionSettings(CommonSettings):
+class FusionSettings(AuthSettings):
     """Fusion settings (``LOOM_FUSION_*``).
 
     Parts of one request meet on one partition subject ``loom.fuse.<n>``;

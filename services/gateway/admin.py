@@ -47,6 +47,7 @@ from services.common.registry.schema import (
     TrafficPolicy,
 )
 from services.common.registry.store import RegistryStore, validation_message
+from services.gateway.dlq import DeadLetters
 from services.gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
@@ -122,6 +123,7 @@ class AdminCore:
         # One admin change of a model at a time in this gateway (the registry's compare-and-set
         # covers other writers); a register waits for Triton, and a retire must not slip in between.
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self.dead_letters = DeadLetters(bus)
 
     @property
     def repository(self) -> Path:
@@ -146,6 +148,22 @@ class AdminCore:
         if model:
             check_model(model)
         return await self.audit.list(limit=limit, target_prefix=model)  # "minilm" matches minilm/2, not minilm_x
+
+    # --- dead letters -------------------------------------------------------------------------
+
+    async def list_dead_letters(self, *, limit: int = 100, stage: str = "") -> list[dict[str, object]]:
+        return await self.dead_letters.list(limit=limit, stage=stage)
+
+    async def replay_dead_letter(self, seq: int, *, actor: str = ANONYMOUS) -> dict[str, object]:
+        """Send a dead letter back to its subject for a fresh set of tries; audited as ``dlq.replay``."""
+
+        async def work(entry: _Entry) -> dict[str, object]:
+            letter = await self.dead_letters.replay(seq)
+            entry.committed = True
+            entry.details.update({"subject": letter["subject"], "reason": letter["reason"]})
+            return letter
+
+        return await self._act("dlq.replay", actor, f"dlq/{seq}", work)
 
     # --- the audit trail ----------------------------------------------------------------------
 

@@ -72,6 +72,8 @@ class AdminHttp:
         route("POST", "/models/{model}:promote", self.promote)
         route("POST", "/models/{model}:rollback", self.rollback)
         route("GET", "/audit", self.audit)
+        route("GET", "/dlq", self.list_dead_letters)
+        route("POST", "/dlq/{seq}:replay", self.replay_dead_letter)
 
     async def _json(self, request: web.Request) -> Any:
         """The body as JSON; an empty body is ``{}`` (every field optional)."""
@@ -168,3 +170,16 @@ class AdminHttp:
             raise InvalidArgument(f"limit must be a whole number, not {raw!r}")
         entries = await self.admin.audit_entries(limit=int(raw), model=request.query.get("model", ""))
         return web.json_response({"entries": entries})
+
+    async def list_dead_letters(self, request: web.Request) -> web.Response:
+        raw = request.query.get("limit", "100")
+        if not raw.isdigit():
+            raise InvalidArgument(f"limit must be a whole number, not {raw!r}")
+        letters = await self.admin.list_dead_letters(limit=int(raw), stage=request.query.get("stage", ""))
+        return web.json_response({"dead_letters": letters})
+
+    async def replay_dead_letter(self, request: web.Request) -> web.Response:
+        raw = request.match_info["seq"]
+        if not raw.isdigit():
+            raise InvalidArgument(f"a dead letter is named by its sequence number, not {raw!r}")
+        return web.json_response(await self.admin.replay_dead_letter(int(raw), actor=caller()))

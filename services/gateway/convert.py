@@ -38,6 +38,21 @@ def call_from_proto(req: gateway_pb2.PredictRequest, remaining_s: float | None) 
     )
 
 
+def call_to_proto(call: PredictCall) -> gateway_pb2.PredictRequest:
+    """The wire form of a call (what the durable lane stores on ``loom.req.<pipeline>``)."""
+    req = gateway_pb2.PredictRequest(
+        pipeline=call.pipeline, timeout_ms=call.timeout_ms, request_id=call.request_id, bypass_cache=call.bypass_cache
+    )
+    for name, value in call.inputs.items():
+        if isinstance(value, str):
+            req.inputs[name].text = value
+        else:
+            req.inputs[name].data = value
+        if name in call.content_types:
+            req.inputs[name].content_type = call.content_types[name]
+    return req
+
+
 def _input_from_json(name: str, value: Any, content_types: dict[str, str]) -> str | bytes:
     if isinstance(value, str):
         return value
@@ -184,4 +199,21 @@ def response_to_json(resp: gateway_pb2.PredictResponse) -> dict[str, Any]:
         body["notes"] = dict(sorted(resp.notes.items()))
     if resp.errors:
         body["errors"] = {n: {"code": e.code, "message": e.message} for n, e in sorted(resp.errors.items())}
+    return body
+
+
+def result_to_json(result: gateway_pb2.Result) -> dict[str, Any]:
+    """``GET /v1/results/{id}``: the record of a durable request; ``response`` once it is answered."""
+    body: dict[str, Any] = {
+        "request_id": result.request_id,
+        "state": gateway_pb2.Result.State.Name(result.state),
+        "pipeline": result.pipeline,
+        "accepted_unix_ms": result.accepted_unix_ms,
+    }
+    if result.state != gateway_pb2.Result.PENDING:
+        body["finished_unix_ms"] = result.finished_unix_ms
+    if result.state == gateway_pb2.Result.DONE:
+        body["response"] = response_to_json(result.response)
+    if result.HasField("error"):
+        body["error"] = {"code": result.error.code, "message": result.error.message, "service": result.error.service}
     return body

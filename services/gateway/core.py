@@ -26,6 +26,7 @@ from services.common.events import TelemetryPublisher
 from services.common.pb.loom.v1 import envelope_pb2 as pb
 from services.common.pb.loom.v1 import fusion_pb2, gateway_pb2, monitor_pb2
 from services.common.pipelines import PipelineRegistry, PipelineSpec
+from services.common.retry import NO_RESPONDERS
 from services.common.telemetry import current_trace_id
 from services.gateway.settings import GatewaySettings
 
@@ -176,29 +177,7 @@ class GatewayCore:
         trace.get_current_span().set_attribute("loom.request_id", call.request_id or route_id)
         started = time.perf_counter()
         deadline_ms = envelope.now_ms() + timeout_ms
-        fused = subjects.fuse(subjects.fuse_partition(route_id, self.settings.fusion_partitions))
-        names = sorted(call.inputs)
-        parts = []
-        for name in names:
-            value = call.inputs[name]
-            part = pb.Part(
-                request_id=route_id,
-                part_id=name,
-                pipeline=spec.name,
-                modality=spec.inputs[name].modality,
-                slip=[*spec.inputs[name].subjects(), fused],
-                deadline_unix_ms=deadline_ms,
-                reply_to=f"{self._inbox}.{route_id}",
-                part_ids=names,
-                content_type=call.content_types.get(name, ""),
-                bypass_cache=call.bypass_cache,
-                route_key=call.route_key,
-            )
-            if isinstance(value, str):
-                part.text = value
-            else:
-                part.data = value
-            parts.append(part)
+        parts = self.make_parts(spec, call, route_id, deadline_ms, reply_to=f"{self._inbox}.{route_id}")
         raw = await self._publish_and_wait(route_id, parts, timeout_ms)
         try:
             result = fusion_pb2.FusedResult.FromString(raw)
@@ -212,6 +191,45 @@ class GatewayCore:
         response.trace_id = current_trace_id()
         response.timings_ms["gateway_total"] = (time.perf_counter() - started) * 1000.0
         return response
+
+    def make_parts(
+        self,
+        spec: PipelineSpec,
+        call: PredictCall,
+        request_id: str,
+        deadline_ms: int,
+        *,
+        reply_to: str = "",
+        durable: bool = False,
+        tenant: str = "",
+    ) -> list[pb.Part]:
+        """One part per input, each with its routing slip ending at the request's fusion partition."""
+        fused = subjects.fuse(subjects.fuse_partition(request_id, self.settings.fusion_partitions))
+        names = sorted(call.inputs)
+        parts = []
+        for name in names:
+            value = call.inputs[name]
+            part = pb.Part(
+                request_id=request_id,
+                part_id=name,
+                pipeline=spec.name,
+                modality=spec.inputs[name].modality,
+                slip=[*spec.inputs[name].subjects(), fused],
+                deadline_unix_ms=deadline_ms,
+                reply_to=reply_to,
+                part_ids=names,
+                content_type=call.content_types.get(name, ""),
+                bypass_cache=call.bypass_cache,
+                route_key=call.route_key,
+                durable=durable,
+                tenant=tenant,
+            )
+            if isinstance(value, str):
+                part.text = value
+            else:
+                part.data = value
+            parts.append(part)
+        return parts
 
     async def _publish_and_wait(self, request_id: str, parts: list[pb.Part], timeout_ms: int) -> bytes:
         """Send the parts on their way and wait for the one answer on our inbox."""
@@ -298,7 +316,7 @@ class GatewayCore:
 
     async def model_query(self, op: str, model: str, *, timeout_s: float = 5.0) -> bytes:
         """Ask the inference service about a model (``metadata``, ``ready``, ``list``); raw reply bytes."""
-        reply = await self.bus.request(subjects.model_query(op), model.encode(), timeout=timeout_s)
+        reply = await self.bus.request(subjects.model_query(op), model.encode(), timeout=timeout_s, retry=NO_RESPONDERS)
         return bytes(reply.data)
 
 

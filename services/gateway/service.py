@@ -2,24 +2,28 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from typing import ClassVar
 
 import grpc
 from aiohttp import web
 
+from services.common.access import AccessTable
 from services.common.audit import AuditLog
-from services.common.auth import Authenticator
 from services.common.lifecycle import Runtime, Service
 from services.common.pipeline_store import PipelineStore
 from services.common.pipelines import default_dir, load_dir
 from services.common.registry.store import RegistryStore
-from services.gateway.access import AuthInterceptor, FailureAudit, Gate, http_middleware
+from services.gateway.access import TABLE
 from services.gateway.admin import AdminCore
 from services.gateway.admin_grpc import SERVICE as ADMIN_SERVICE
 from services.gateway.admin_grpc import AdminGrpc
 from services.gateway.admin_http import AdminHttp
+from services.gateway.admission import Admission, AdmissionInterceptor
+from services.gateway.admission import http_middleware as admission_middleware
 from services.gateway.core import GatewayCore
+from services.gateway.durable import DurableFront
 from services.gateway.grpc_api import SERVICE, GatewayGrpc
 from services.gateway.http_api import GatewayHttp
 from services.gateway.kserve_dataplane import KServeDataPlane
@@ -42,7 +46,9 @@ class Gateway(Service):
         self._store: PipelineStore | None = None
         self._kserve: KServeDataPlane | None = None
         self._admin: AdminCore | None = None
-        self._gate: Gate | None = None
+        self._lane: DurableFront | None = None
+        # One for both ports: HTTP and gRPC calls share the in-flight limit and the tenants' rates.
+        self.admission = Admission.from_settings(settings)
 
     @property
     def core(self) -> GatewayCore:
@@ -51,23 +57,13 @@ class Gateway(Service):
 
     def bind(self, rt: Runtime) -> None:
         self._core = GatewayCore(rt.bus, self.gw, rt.pipelines, rt.claims)
+        self._lane = DurableFront(rt.bus, self._core, rt.claims, rt.lane) if rt.lane is not None else None
         self._store = rt.store
         # KServe's ServerReady is the gateway's own readiness, as /readyz reports it.
         self._kserve = KServeDataPlane(self._core, lambda: rt.ready.is_set() and rt.bus.connected)
         registry = RegistryStore(rt.bus, self.gw.models_bucket, service=self.name)
         audit = AuditLog(rt.bus, service=self.name)
         self._admin = AdminCore(rt.bus, registry, audit, self.gw)
-        # A keys file that cannot be read or parsed stops the start here, before any port opens.
-        authenticator = Authenticator.from_settings(self.gw)
-        if not authenticator.configured:
-            log.warning(
-                "no credentials are configured (LOOM_AUTH_KEYS_FILE, LOOM_DEV_API_KEY, LOOM_AUTH_JWT_*): "
-                "every call except the health checks and /metrics will be refused"
-            )
-        failures = FailureAudit(
-            audit, per_source=self.gw.auth_audit_per_source, per_second=self.gw.auth_audit_per_second
-        )
-        self._gate = Gate(authenticator, failures)
 
     async def start(self, rt: Runtime) -> None:
         directory = self.gw.pipelines_dir or default_dir()
@@ -76,11 +72,18 @@ class Gateway(Service):
             log.info("stored pipeline specs %s from %s", added, directory)
         await rt.store.wait_for([spec.name for spec in load_dir(directory)])
         await self.core.start()
+        if self._lane is not None:
+            await self._lane.start()
         assert self._admin is not None, "bind() first"
         # Reads go to KV each time (admin calls are rare), so no watch to keep.
         await self._admin.registry.start(watch=False)
         await self._admin.audit.start()
         await self._admin.seed()
+        # What start-up built lives as long as the process: out of the collector's sight, a full
+        # collection no longer walks it (measured: a 40-65 ms pause in every call in flight, refusals
+        # too, became none over 10 ms).
+        gc.collect()
+        gc.freeze()
 
     async def stop(self) -> None:
         if self._admin is not None:
@@ -89,18 +92,26 @@ class Gateway(Service):
     def add_grpc(self, server: grpc.aio.Server) -> None:
         assert self._kserve is not None and self._admin is not None, "bind() first"
         server.add_generic_rpc_handlers(
-            (GatewayGrpc(self.core).handler(), KServeGrpc(self._kserve).handler(), AdminGrpc(self._admin).handler())
+            (
+                GatewayGrpc(self.core, self._lane).handler(),
+                KServeGrpc(self._kserve).handler(),
+                AdminGrpc(self._admin).handler(),
+            )
         )
 
+    def access(self) -> AccessTable:
+        return TABLE
+
     def grpc_interceptors(self) -> list[grpc.aio.ServerInterceptor]:
-        assert self._gate is not None, "bind() first"
-        return [AuthInterceptor(self._gate)]
+        # Inside the runtime's authentication, whose wrapper binds the tenant around ours.
+        return [AdmissionInterceptor(self.admission)]
 
     def add_http(self, app: web.Application) -> None:
         assert self._store is not None, "bind() first"
-        assert self._kserve is not None and self._admin is not None and self._gate is not None, "bind() first"
-        app.middlewares.append(http_middleware(self._gate))  # first: outside every other middleware
-        GatewayHttp(self.core, self._store, self.gw).add_routes(app)
+        assert self._kserve is not None and self._admin is not None, "bind() first"
+        # After the runtime's authentication (the app's first middleware), before any handler reads a body.
+        app.middlewares.append(admission_middleware(self.admission))
+        GatewayHttp(self.core, self._store, self.gw, self._lane).add_routes(app)
         AdminHttp(self._admin).add_routes(app)
         KServeHttp(self._kserve, self.gw).add_routes(app)
 

@@ -3,7 +3,8 @@ from __future__ import annotations
 from itertools import pairwise
 from pathlib import Path
 
-from pydantic import field_validator
+from limits import parse_many
+from pydantic import AliasChoices, Field, field_validator
 
 from services.common.auth import AuthSettings
 from services.common.settings import service_field
@@ -27,6 +28,12 @@ class GatewaySettings(AuthSettings):
         "gateway", "default_timeout_ms", 5000, "Deadline when neither the request nor the pipeline sets one."
     )
     max_timeout_ms: int = service_field("gateway", "max_timeout_ms", 60000, "Largest deadline a caller may ask for.")
+    durable_timeout_ms: int = service_field(
+        "gateway", "durable_timeout_ms", 600_000, "Deadline of a durable request (Submit) that sets none."
+    )
+    durable_max_timeout_ms: int = service_field(
+        "gateway", "durable_max_timeout_ms", 86_400_000, "Largest deadline a durable request may ask for."
+    )
     max_input_bytes: int = service_field(
         "gateway", "max_input_bytes", 20 * 1024 * 1024, "Largest file input (image, audio) accepted, in bytes."
     )
@@ -75,6 +82,55 @@ class GatewaySettings(AuthSettings):
     rollout_window_s: float = service_field(
         "gateway", "rollout_window_s", 300.0, "Default time a rollout step is observed before it may pass."
     )
+    # --- admission control (services/gateway/admission.py) ---
+    # Not "max_inflight": CommonSettings has that field (LOOM_MAX_INFLIGHT, per NATS subscription).
+    request_max_inflight: int = Field(
+        128,
+        ge=1,
+        validation_alias=AliasChoices("LOOM_GATEWAY_MAX_INFLIGHT"),
+        description="Data-plane calls (predict, submit, results, KServe infer and metadata, feedback) in flight at "
+        "once; one more is refused at once with RESOURCE_EXHAUSTED (HTTP 429, Retry-After), never queued. 128 on "
+        "2 cores: 4x the 32 that saturate embed (~185 req/s), so under 1 s of queue.",
+    )
+    admin_max_inflight: int = service_field(
+        "gateway",
+        "admin_max_inflight",
+        16,
+        "Admin and viewer calls in flight at once: a pool apart from the data plane's, so operators get in "
+        "while it is saturated; no rate limit.",
+    )
+    tenant_rate: str = service_field(
+        "gateway",
+        "tenant_rate",
+        "1000/second",
+        "Data-plane calls each tenant may make (per gateway replica), in the notation of the limits library "
+        "('200/second', '50/second; 10000/hour'); over it: HTTP 429 / RESOURCE_EXHAUSTED with Retry-After. Empty: "
+        "no limit. The default is above what one replica serves here, so it only stops a runaway tenant's floods.",
+    )
+    tenant_rates: dict[str, str] = service_field(
+        "gateway",
+        "tenant_rates",
+        {},
+        'Per-tenant rates overriding tenant_rate, a JSON map: {"acme": "50/second", "batch": ""} (empty: no limit).',
+    )
+
+    @field_validator("tenant_rate")
+    @classmethod
+    def _rate(cls, rate: str) -> str:
+        if rate.strip():
+            parse_many(rate)  # a rate the limits library cannot read stops the start
+        return rate
+
+    @field_validator("tenant_rates")
+    @classmethod
+    def _rates(cls, rates: dict[str, str]) -> dict[str, str]:
+        for tenant, rate in rates.items():
+            try:
+                if rate.strip():
+                    parse_many(rate)
+            except ValueError as exc:
+                raise ValueError(f"tenant {tenant!r}: {exc}") from None
+        return rates
 
     @field_validator("rollout_steps")
     @classmethod

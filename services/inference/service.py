@@ -27,20 +27,22 @@ from opentelemetry import trace
 from opentelemetry.trace import Link, SpanContext
 
 from services.common import envelope, subjects
-from services.common.errors import InvalidArgument, LoomError
+from services.common.errors import DeadlineExceeded, InvalidArgument, LoomError
 from services.common.events import TelemetryPublisher
 from services.common.lifecycle import Runtime, Service
 from services.common.pb.loom.v1 import envelope_pb2 as pb
 from services.common.registry.store import RegistryStore
+from services.common.retry import Backoff, retry
 from services.common.stage import Handler, StageRunner, Stats
 from services.inference import routing
 from services.inference.batcher import MicroBatcher, compat_key, stack
+from services.inference.breaker import TritonBreakers, deadline_error
 from services.inference.cache import NOTE, ResultCache
 from services.inference.control import ModelControl
 from services.inference.models_api import ModelsApi
 from services.inference.settings import InferenceSettings
 from services.inference.shadow import ShadowMirror
-from services.inference.triton import Outputs, TritonModels, from_tensor, to_tensor
+from services.inference.triton import Outputs, TritonModels, TritonUnreachable, from_tensor, to_tensor
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +90,14 @@ class Inference(Service):
         self.registry: RegistryStore | None = None
         self.control: ModelControl | None = None
         self.shadow: ShadowMirror | None = None
+        self.breakers = TritonBreakers(
+            failures=settings.breaker_failures, reset_s=settings.breaker_reset_s, enabled=settings.breaker_enabled
+        )
+        self.retry_policy = Backoff(
+            attempts=settings.retry_attempts,
+            base_s=settings.retry_base_ms / 1000.0,
+            cap_s=settings.retry_max_ms / 1000.0,
+        )
 
     async def start(self, rt: Runtime) -> None:
         self.triton = TritonModels(self.inf.triton_url, reconnect_backoff_ms=self.inf.reconnect_backoff_ms)
@@ -108,7 +118,14 @@ class Inference(Service):
         for model in self.inf.models:
             # Input statistics from preprocess are reported with the version that served them (input drift).
             runner = StageRunner(
-                rt.bus, self.name, subjects.infer(model), self._handler(model), claims=rt.claims, report_features=True
+                rt.bus,
+                self.name,
+                subjects.infer(model),
+                self._handler(model),
+                claims=rt.claims,
+                report_features=True,
+                lane=rt.lane,
+                pending_limit=rt.settings.stage_queue,
             )
             await runner.start()
         await ModelsApi(rt.bus, self.triton, self.inf.models, queue=self.name).start()
@@ -199,12 +216,31 @@ class Inference(Service):
 
     async def _run_batch(self, state: _Model, rows: list[_Row]) -> list[Result | BaseException]:
         assert self.triton is not None
-        timeout = max(row.deadline for row in rows) - time.monotonic()  # the longest-waiting caller's
+        triton, version = self.triton, rows[0].version
+        deadline = max(row.deadline for row in rows)  # the longest-waiting caller's
         links = [Link(row.span) for row in rows if row.span.is_valid]
         inputs = stack([row.tensors for row in rows]) if state.batched else rows[0].tensors
+
+        async def infer() -> tuple[list[Outputs], str]:
+            budget = deadline - time.monotonic()
+            try:
+                return await triton.infer(
+                    state.name, inputs, batched=state.batched, timeout_s=budget, version=version, links=links
+                )
+            except DeadlineExceeded as exc:  # too little time left to blame Triton does not count
+                raise deadline_error(exc, budget) from None
+
         try:
-            outputs, version = await self.triton.infer(
-                state.name, inputs, batched=state.batched, timeout_s=timeout, version=rows[0].version, links=links
+            # The breaker of the version asked for ("default": Triton's choice) fails fast while it is
+            # open; before it opens, an unreachable Triton is retried (inference is idempotent), but
+            # never past the earliest caller's deadline: each caller gets the real error in time.
+            outputs, answered = await retry(
+                lambda: self.breakers.call(state.name, version or "default", infer),
+                policy=self.retry_policy,
+                retryable=lambda exc: isinstance(exc, TritonUnreachable),
+                deadline=min(row.deadline for row in rows),
+                service=self.name,
+                step="triton_infer",
             )
         except InvalidArgument:
             if len(rows) == 1:
@@ -214,7 +250,7 @@ class Inference(Service):
             # errors are not retried: they are outages or model failures, not one part's.
             singles = await asyncio.gather(*(self._run_batch(state, [row]) for row in rows), return_exceptions=True)
             return [s if isinstance(s, BaseException) else s[0] for s in singles]
-        return [(out, version) for out in outputs]
+        return [(out, answered) for out in outputs]
 
     async def _refresh(self, state: _Model) -> None:
         assert self.triton is not None

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from services.common.settings import CommonSettings, service_field
+from services.common.auth import AuthSettings
+from services.common.settings import service_field
 
 
-class InferenceSettings(CommonSettings):
+class InferenceSettings(AuthSettings):
     """Inference settings (``LOOM_INFERENCE_*``)."""
 
     grpc_port: int = service_field("inference", "grpc_port", 50053, "gRPC port (health).")
@@ -113,4 +114,41 @@ class InferenceSettings(CommonSettings):
         "shadow_timeout_s",
         10.0,
         "Longest wait for a shadow version's answer before it counts as an error.",
+    )
+
+    # Faults: circuit breakers and retries around Triton (services/inference/breaker.py, services/common/retry.py).
+    breaker_enabled: bool = service_field(
+        "inference",
+        "breaker_enabled",
+        True,
+        "Put a circuit breaker around each model version's Triton calls (fail fast with UNAVAILABLE while open).",
+    )
+    breaker_failures: int = service_field(
+        "inference",
+        "breaker_failures",
+        5,
+        "Triton calls of one model version failing in a row (unreachable, UNAVAILABLE, not ready, timeout) "
+        "that open its breaker; client errors never count.",
+    )
+    breaker_reset_s: float = service_field(
+        "inference",
+        "breaker_reset_s",
+        10.0,
+        "How long an open breaker fails fast before it lets calls through again to probe (half-open).",
+    )
+    retry_attempts: int = service_field(
+        "inference",
+        "retry_attempts",
+        3,
+        "Tries of a Triton inference that fails because Triton is unreachable, the first included (1 = no retry); "
+        "never past the earliest deadline of the batch.",
+    )
+    retry_base_ms: float = service_field(
+        "inference",
+        "retry_base_ms",
+        25.0,
+        "Full-jitter backoff between those tries: the n-th pause is drawn from [0, min(max, base * 2^(n-1))).",
+    )
+    retry_max_ms: float = service_field(
+        "inference", "retry_max_ms", 500.0, "The widest range a pause between Triton retries is drawn from."
     )

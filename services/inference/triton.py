@@ -48,14 +48,22 @@ _BY_STATUS: dict[str, type[LoomError]] = {
 }
 
 
+class TritonUnreachable(Unavailable):
+    """Triton did not answer (refused, reset, gone) or said UNAVAILABLE: transient, an idempotent call may retry."""
+
+
+class ModelNotReady(Unavailable):
+    """Triton answered: the model (version) is not loaded, not ready or unknown; a retry would meet the same."""
+
+
 def to_loom_error(exc: InferenceServerException, model: str) -> LoomError:
     status = str(exc.status() or "")
     message = exc.message() or str(exc)
     if "unknown model" in message.lower() or "not ready" in message.lower():
-        return Unavailable(f"model {model} is not available on Triton")
+        return ModelNotReady(f"model {model} is not available on Triton")
     cls = _BY_STATUS.get(status)
     if cls is Unavailable:
-        return Unavailable(f"Triton is unavailable for model {model}")
+        return TritonUnreachable(f"Triton is unavailable for model {model}")
     if cls is None:
         return Internal(f"Triton failed on model {model}")
     return cls(f"Triton: {message}")

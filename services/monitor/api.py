@@ -1,4 +1,11 @@
-"""The monitor's HTTP side: the dashboard page, its JSON API and the OTLP/HTTP receiver."""
+"""The monitor's HTTP side: the dashboard page, its JSON API and the OTLP/HTTP receiver, and who may call them.
+
+Reads need the role viewer and whatever changes the monitor's state needs admin
+(:data:`ACCESS`; ``openapi.yaml`` documents both). The page itself and its
+static files are open: they hold no data, and the page's own fetches carry the
+caller's key (``static/dashboard.js``). Spans come in from services and Triton,
+which send a ``predict`` key: a data-plane writer's role.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from services.common.access import ADMIN, OPEN, PREDICT, READ, Access, AccessTable
 from services.common.envelope import now_ms
 from services.common.registry.schema import ModelRecord
 from services.monitor.otlp_receiver import make_http_handler
@@ -16,6 +24,33 @@ if TYPE_CHECKING:
     from services.monitor.service import Monitor
 
 STATIC = Path(__file__).resolve().parent / "static"
+OPENAPI = Path(__file__).resolve().parent / "openapi.yaml"
+OTLP_GRPC_EXPORT = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
+
+_READS = (
+    "/openapi.yaml",
+    "/v1/dashboard",
+    "/v1/stats",
+    "/v1/alerts",
+    "/v1/traces",
+    "/v1/traces/{id}",
+    "/v1/drift",
+    "/v1/drift/baseline",
+    "/v1/accuracy",
+    "/v1/slo",
+    "/v1/rollouts",
+    "/v1/versions",
+)
+HTTP: dict[tuple[str, str], Access] = {
+    ("GET", "/"): OPEN,  # the page and its files: no data in them
+    ("GET", "/static"): OPEN,
+    **{("GET", path): READ for path in _READS},
+    ("POST", "/v1/traces"): PREDICT,  # OTLP/HTTP span ingest (Triton)
+    ("POST", "/v1/drift/baseline"): ADMIN,
+    ("POST", "/v1/evaluate"): ADMIN,
+}
+#: What the monitor's routes and methods need (the runtime adds health and /metrics).
+ACCESS = AccessTable(HTTP, {OTLP_GRPC_EXPORT: PREDICT})
 
 
 def _error(status: int, code: str, message: str) -> web.Response:
@@ -85,6 +120,9 @@ def dashboard(m: Monitor) -> dict[str, Any]:
 def add_routes(app: web.Application, m: Monitor) -> None:
     async def index(_: web.Request) -> web.FileResponse:
         return web.FileResponse(STATIC / "index.html")
+
+    async def openapi(_: web.Request) -> web.FileResponse:
+        return web.FileResponse(OPENAPI, headers={"Content-Type": "application/yaml"})
 
     async def get_dashboard(_: web.Request) -> web.Response:
         return web.json_response(dashboard(m))
@@ -163,6 +201,7 @@ def add_routes(app: web.Application, m: Monitor) -> None:
 
     app.router.add_get("/", index)
     app.router.add_static("/static/", STATIC)
+    app.router.add_get("/openapi.yaml", openapi)
     app.router.add_get("/v1/dashboard", get_dashboard)
     app.router.add_get("/v1/stats", get_stats)
     app.router.add_get("/v1/alerts", get_alerts)

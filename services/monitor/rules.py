@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from services.common.pipelines import SloSpec
 from services.monitor.alerts import Condition, condition
+from services.monitor.dlq_watch import DlqWatch
 from services.monitor.series import SloBook
 from services.monitor.triton_watch import TritonWatch
 
@@ -42,6 +43,22 @@ def model_unavailable(triton: TritonWatch, starting: bool = False) -> list[Condi
             f"model {name} is unavailable: {down[name][1]}" if name in down else f"model {name} serves",
         )
         for name in triton.names
+    ]
+
+
+def dead_letters(dlq: DlqWatch) -> list[Condition]:
+    """One P2 per stage with letters in LOOM_DLQ: work the durable lane gave up on, which nothing retries."""
+    return [
+        condition(
+            "LoomDeadLetters",
+            "P2",
+            {"stage": stage},
+            n > 0,
+            float(n),
+            f"{n} message{'' if n == 1 else 's'} in the dead-letter stream (stage {stage}); inspect with "
+            f"`loomctl dlq list --stage {stage}`, replay with `loomctl dlq replay <seq>`",
+        )
+        for stage, n in sorted(dlq.counts.items())
     ]
 
 

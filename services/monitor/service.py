@@ -2,7 +2,8 @@
 
 Inputs: ``loom.tel.>`` (every stage's events, a bounded queue), ``loom.fb.*``
 (ground truth), OTLP spans (gRPC on the monitor's gRPC port, HTTP at
-/v1/traces), Triton's repository index and metrics. Every
+/v1/traces), Triton's repository index and metrics, and the state of the
+dead-letter stream ``LOOM_DLQ`` (``services.monitor.dlq_watch``). Every
 ``eval_interval_s`` it recomputes drift, accuracy and SLOs, evaluates the
 alert rules and announces what changed. With ``rollout_enabled`` it also
 follows the model registry (``loom_models``) and runs the rollout controller
@@ -26,6 +27,7 @@ from opentelemetry import trace
 from prometheus_client import REGISTRY, Counter, Histogram
 
 from services.common import metrics, subjects
+from services.common.access import AccessTable
 from services.common.audit import AuditLog
 from services.common.envelope import now_ms
 from services.common.lifecycle import Runtime, Service
@@ -38,7 +40,8 @@ from services.common.telemetry import extract
 from services.monitor import gauges, rules
 from services.monitor.accuracy import AccuracyBook, AnswerBook
 from services.monitor.alerts import AlertBook
-from services.monitor.api import add_routes
+from services.monitor.api import ACCESS, add_routes
+from services.monitor.dlq_watch import DlqWatch
 from services.monitor.drift import DriftBook
 from services.monitor.notify import Notifier
 from services.monitor.otlp_receiver import TraceReceiver
@@ -65,6 +68,8 @@ STAGE_LATENCY = Histogram(
 )
 FEEDBACK = Counter("loom_feedback_total", "Ground-truth feedback received, by result.", ["pipeline", "result"])
 GATEWAY_STAGE = "gateway"
+#: One slow STREAM.INFO must not hold up the evaluation (the alert keeps its last reading).
+DLQ_POLL_TIMEOUT_S = 2.0
 
 
 class Monitor(Service):
@@ -87,6 +92,7 @@ class Monitor(Service):
         self.triton = TritonWatch(
             s.triton_url, s.triton_metrics_url, expected={m.strip() for m in s.models.split(",") if m.strip()}
         )
+        self.dlq = DlqWatch()
         self.alerts = AlertBook()
         self.thresholds = rules.Thresholds(
             latency_p1_ms=s.latency_p1_ms,
@@ -126,7 +132,7 @@ class Monitor(Service):
             rt.bus,
             self._session,
             self.ms.alert_webhook_url,
-            generator_url=f"http://{self.ms.bind_host}:{self.ms.http_port}/",
+            generator_url=f"{'https' if self.ms.tls_enabled else 'http'}://{self.ms.bind_host}:{self.ms.http_port}/",
         )
         self._loop_task = asyncio.create_task(self._evaluate_forever())
 
@@ -154,6 +160,9 @@ class Monitor(Service):
         if self._session is not None:
             await self._session.close()
         REGISTRY.unregister(self.triton)
+
+    def access(self) -> AccessTable:
+        return ACCESS
 
     def add_grpc(self, server: grpc.aio.Server) -> None:
         TraceReceiver(self.traces).add_to_server(server)
@@ -239,6 +248,8 @@ class Monitor(Service):
         t = now_ms()
         if self._session is not None:
             await self.triton.poll(self._session, t)
+        if self._rt is not None and self._rt.bus.connected:  # else the last reading stands
+            await self.dlq.poll(self._rt.bus.nc.jetstream(timeout=DLQ_POLL_TIMEOUT_S), t)
         specs = self.slo_specs()
         self.latest = {
             "drift": self.drift.evaluate(t),
@@ -256,6 +267,7 @@ class Monitor(Service):
             *rules.drift_high(self.latest["drift"], th),
             *rules.accuracy_drop(self.latest["accuracy"], th),
             *rules.saturation(self.triton, th),
+            *rules.dead_letters(self.dlq),
             *self.drops.conditions(gauges.dropped_totals(self), t, th),
             *(self.rollouts.conditions(t) if self.rollouts is not None else []),
         ]

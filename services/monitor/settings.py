@@ -2,14 +2,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from services.common.settings import CommonSettings, service_field
+from services.common.auth import AuthSettings
+from services.common.settings import service_field
 
 
 def _f(name: str, default: Any, description: str) -> Any:
     return service_field("monitor", name, default, description)
 
 
-class MonitorSettings(CommonSettings):
+class MonitorSettings(AuthSettings):
     """Monitor settings (``LOOM_MONITOR_*``)."""
 
     grpc_port: int = service_field("monitor", "grpc_port", 50056, "gRPC port: health and the OTLP trace receiver.")

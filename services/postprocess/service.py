@@ -65,7 +65,15 @@ class Postprocess(Service):
             "vad": self.handle_vad,
         }
         for task, handler in stages.items():
-            await StageRunner(rt.bus, self.name, subjects.post(task), handler, claims=rt.claims).start()
+            await StageRunner(
+                rt.bus,
+                self.name,
+                subjects.post(task),
+                handler,
+                claims=rt.claims,
+                lane=rt.lane,
+                pending_limit=rt.settings.stage_queue,
+            ).start()
 
     def _label(self, part: pb.Part, out: pb.TextOutput | pb.ImageOutput) -> tuple[np.ndarray, Stats]:
         assert self.index is not None

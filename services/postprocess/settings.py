@@ -1,6 +1,7 @@
 from __future__ import annotations
 
-from services.common.settings import CommonSettings, service_field
+from services.common.auth import AuthSettings
+from services.common.settings import service_field
 
 DEFAULT_LABELS = {
     "sports": "sports, athletes, games, matches and tournaments",
@@ -16,7 +17,7 @@ DEFAULT_LABELS = {
 }
 
 
-class PostprocessSettings(CommonSettings):
+class PostprocessSettings(AuthSettings):
     """Postprocess settings (``LOOM_POSTPROCESS_*``)."""
 
     grpc_port: int = service_field("postprocess", "grpc_port", 50054, "gRPC port (health).")

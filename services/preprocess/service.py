@@ -53,7 +53,16 @@ class Preprocess(Service):
             ("image", self.handle_image),
             ("audio", self.handle_audio),
         ):
-            runner = StageRunner(rt.bus, self.name, subjects.pre(modality), handler, claims=rt.claims, carry_stats=True)
+            runner = StageRunner(
+                rt.bus,
+                self.name,
+                subjects.pre(modality),
+                handler,
+                claims=rt.claims,
+                carry_stats=True,
+                lane=rt.lane,
+                pending_limit=rt.settings.stage_queue,
+            )
             await runner.start()
 
     async def handle_text(self, part: pb.Part) -> Stats:

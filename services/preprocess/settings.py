@@ -1,9 +1,10 @@
 from __future__ import annotations
 
-from services.common.settings import CommonSettings, service_field
+from services.common.auth import AuthSettings
+from services.common.settings import service_field
 
 
-class PreprocessSettings(CommonSettings):
+class PreprocessSettings(AuthSettings):
     """Preprocess settings (``LOOM_PREPROCESS_*``)."""
 
     grpc_port: int = service_field("preprocess", "grpc_port", 50052, "gRPC port (health).")

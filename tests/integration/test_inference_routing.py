@@ -74,7 +74,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         triton = start_explicit_triton(repo, workdir, MODEL)
         service, http_url = start_inference_process(
             workdir,
-            nats.url,
+            nats,  # provisioned; the service logs in as inference, with only its own permissions
             triton.grpc_url,
             LOOM_INFERENCE_MODELS=json.dumps([MODEL]),
             LOOM_INFERENCE_MODEL_REPOSITORY=str(repo),

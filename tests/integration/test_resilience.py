@@ -98,13 +98,18 @@ def test_sigterm_drains_a_gateway_without_dropping_its_requests(mesh: Mesh) -> N
     try:
         url = f"http://127.0.0.1:{ports['http']}"
         results: list[int] = []
+        bodies: list[object] = []
 
         def call(i: int) -> None:
-            results.append(predict_http(url, f"in flight during shutdown {i}", timeout_ms=4000)[0])
+            status, body = predict_http(url, f"in flight during shutdown {i}", timeout_ms=4000)
+            bodies.append(body)
+            results.append(status)
 
         # Freeze preprocess so the requests are surely in flight when SIGTERM lands.
-        pre = mesh.services["preprocess-0"]
-        os.kill(pre.pid, signal.SIGSTOP)
+        # Every preprocess replica (an earlier test may have left a second one running).
+        frozen = [proc for name, proc in mesh.services.items() if name.startswith("preprocess") and proc.running()]
+        for proc in frozen:
+            os.kill(proc.pid, signal.SIGSTOP)
         try:
             threads = [threading.Thread(target=call, args=(i,)) for i in range(8)]
             for t in threads:
@@ -116,11 +121,12 @@ def test_sigterm_drains_a_gateway_without_dropping_its_requests(mesh: Mesh) -> N
             assert gw.running(), "the gateway quit with requests in flight"
             assert results == []
         finally:
-            os.kill(pre.pid, signal.SIGCONT)
+            for proc in frozen:
+                os.kill(proc.pid, signal.SIGCONT)
         for t in threads:
             t.join(30)
         assert gw.proc.wait(30) == 0  # a clean exit, not a kill
-        assert results.count(200) == 8, results
+        assert results.count(200) == 8, bodies
     finally:
         gw.stop()
         mesh.services.pop("gateway-1", None)

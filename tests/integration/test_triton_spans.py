@@ -19,7 +19,7 @@ import tritonclient.grpc as grpcclient
 from services.common.launch.mesh import ROOT, Mesh
 from services.common.launch.procs import free_port
 from services.common.triton_server import TritonServer
-from tests.support import eventually, http_json
+from tests.support import TEST_API_KEY, eventually, http_json
 
 pytestmark = pytest.mark.integration
 
@@ -37,6 +37,7 @@ def traced_triton(mesh: Mesh, tmp_path: Path) -> Iterator[TritonServer]:
         load_models=["minilm"],
         trace_otlp_url=f"127.0.0.1:{mesh.ports['monitor_http']}/v1/traces",
         trace_service_name="triton",
+        trace_api_key=TEST_API_KEY,  # the monitor's span ingest needs credentials
     )
     srv.start()
     try:

@@ -3,22 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import base64
 import hashlib
 import json
-import mimetypes
 import os
 import secrets
 import shutil
 import sys
 import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
-from tools.loomctl import admin, render
+from tools.loomctl import admin, durable, render
 from tools.loomctl.client import ApiError
-from tools.loomctl.common import EXIT_FAILED, EXIT_USAGE, Command, UsageError, as_dict, client, out, pair, quote
+from tools.loomctl.common import EXIT_FAILED, EXIT_USAGE, Command, UsageError, as_dict, client, out, quote
+from tools.loomctl.inputs import add_input_options, request_inputs
 
 DEFAULT_GATEWAY = "http://127.0.0.1:8080"
 DEFAULT_MONITOR = "http://127.0.0.1:8090"
@@ -79,37 +77,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0 if ready else EXIT_FAILED
 
 
-def _predict_inputs(args: argparse.Namespace) -> dict[str, Any]:
-    inputs: dict[str, Any] = {}
-
-    def put(name: str, value: Any) -> None:
-        if name in inputs:
-            raise UsageError(f"input {name!r} given twice")
-        inputs[name] = value
-
-    if args.text is not None:
-        put("text", args.text)
-    for item in args.inputs:
-        put(*pair(item, "input"))
-    for item in args.file:
-        name, path = pair(item, "--file")
-        try:
-            data = Path(path).read_bytes()
-        except OSError as exc:
-            raise UsageError(f"--file {name}: cannot read {path}: {exc.strerror or exc}") from None
-        entry = {"b64": base64.b64encode(data).decode("ascii")}
-        ctype = mimetypes.guess_type(path)[0]
-        if ctype:
-            entry["content_type"] = ctype
-        put(name, entry)
-    if not inputs:
-        raise UsageError("give at least one input: --text T, name=value or --file name=path")
-    return inputs
-
-
 def cmd_predict(args: argparse.Namespace) -> int:
     gateway = client(args, "gateway")
-    body: dict[str, Any] = {"inputs": _predict_inputs(args)}
+    body: dict[str, Any] = {"inputs": request_inputs(args)}
     if args.timeout_ms:
         body["timeout_ms"] = args.timeout_ms
     if args.request_id:
@@ -213,7 +183,7 @@ def cmd_accuracy(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_new(args: argparse.Namespace) -> int:
-    """A new API key, and the record that lets it in (the gateway stores only its sha256)."""
+    """A new API key, and the record that lets it in (the services store only its sha256)."""
     # The same shape as services.common.auth.generate_api_key; loomctl stays standard-library only.
     key = "loom_" + secrets.token_urlsafe(32)
     record = {
@@ -256,11 +226,12 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="loomctl",
         description="Operate a running Loom mesh over HTTP.",
-        epilog="Gateway calls carry the credential in LOOM_API_KEY (an API key or a JWT), else LOOM_DEV_API_KEY, "
-        "else the key make run keeps in .loom/dev-api-key. The monitor takes none.",
+        epilog="Calls to the gateway and the monitor carry the credential in LOOM_API_KEY (an API key or a JWT), "
+        "else LOOM_DEV_API_KEY, else the key make run keeps in .loom/dev-api-key; the monitor's reads need the "
+        "role viewer. https:// URLs are verified against LOOM_TLS_CA when set.",
     )
     _add_globals(parser, defaults)
-    parser.set_defaults(environ=env)  # where the credential is looked up, when a gateway call needs it
+    parser.set_defaults(environ=env)  # where the credential and LOOM_TLS_CA are looked up
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def command(name: str, func: Command, help_text: str) -> argparse.ArgumentParser:
@@ -273,9 +244,7 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
 
     p = command("predict", cmd_predict, "send one request through the gateway and print the answer")
     p.add_argument("pipeline")
-    p.add_argument("inputs", nargs="*", metavar="name=value", help="text inputs by name")
-    p.add_argument("--text", metavar="T", help="the 'text' input")
-    p.add_argument("--file", metavar="name=path", action="append", default=[], help="a file input (image, audio)")
+    add_input_options(p)
     p.add_argument("--timeout-ms", metavar="N", type=_millis, default=0, help="deadline (0: the pipeline's)")
     p.add_argument("--request-id", metavar="ID", help="the id to label the answer with")
     p.add_argument("--bypass-cache", action="store_true", help="skip the inference cache")
@@ -314,7 +283,7 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     p = command("accuracy", cmd_accuracy, "accuracy from feedback per pipeline and model version")
     p.add_argument("--json", action="store_true", help="print the monitor's JSON")
 
-    p = command("keys", cmd_keys_new, "make a gateway API key: the key once, and its record for the keys file")
+    p = command("keys", cmd_keys_new, "make an API key: the key once, and its record for LOOM_AUTH_KEYS_FILE")
     p.add_argument("action", choices=["new"], help="new: a fresh random key")
     p.add_argument("--id", required=True, help="the key's name: the actor in the audit log")
     p.add_argument(
@@ -324,6 +293,7 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the key and the record as JSON")
 
     admin.add_commands(command, lambda q: _add_globals(q, None))
+    durable.add_commands(command, lambda q: _add_globals(q, None))
     return parser
 
 
@@ -333,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         args, extra = parser.parse_known_args(argv)
         # argparse hands a nargs="*" positional only the values before the first option, so the
         # name=value inputs of ``predict embed --timeout-ms 500 text=hi`` come back as extras.
-        if args.command == "predict" and not any(e.startswith("-") for e in extra):
+        if args.command in ("predict", "submit") and not any(e.startswith("-") for e in extra):
             args.inputs += extra
         elif extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")

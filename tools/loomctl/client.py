@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -69,12 +70,22 @@ def _error_text(body: Any, raw: bytes) -> tuple[str, str]:
 class JsonClient:
     """GET and POST JSON against one service. ``name`` ("monitor", "gateway") goes into the messages."""
 
-    def __init__(self, name: str, base_url: str, timeout: float, headers: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        base_url: str,
+        timeout: float,
+        headers: Mapping[str, str] | None = None,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self.name = name
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
         #: Sent with every call (e.g. ``Authorization``).
         self.headers = dict(headers or {})
+        #: Verifies an https:// server (None: the system's roots).
+        self.ssl_context = ssl_context
 
     def url(self, path: str, query: Mapping[str, str | int] | None = None) -> str:
         url = self.base_url + path
@@ -101,7 +112,7 @@ class JsonClient:
             headers["Content-Type"] = "application/json"
         req = urllib.request.Request(self.url(path, query), data=data, headers=headers, method=method)
         try:
-            with urllib.request.urlopen(req, timeout=limit) as resp:
+            with urllib.request.urlopen(req, timeout=limit, context=self.ssl_context) as resp:
                 status, raw = resp.status, resp.read()
         except urllib.error.HTTPError as exc:
             status, raw = exc.code, exc.read()

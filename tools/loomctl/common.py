@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import ssl
 import urllib.parse
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -37,15 +38,27 @@ def api_key(env: Mapping[str, str], cwd: Path | None = None) -> str:
     return ""
 
 
+def tls_context(env: Mapping[str, str]) -> ssl.SSLContext | None:
+    """How https:// servers are verified: against LOOM_TLS_CA when set, else the system's roots (None)."""
+    ca = env.get("LOOM_TLS_CA", "").strip()
+    if not ca:
+        return None
+    try:
+        return ssl.create_default_context(cafile=ca)
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError(f"LOOM_TLS_CA={ca}: cannot load the CA bundle: {exc}") from None
+
+
 def client(args: argparse.Namespace, name: str) -> JsonClient:
-    """The client of ``--gateway`` or ``--monitor``; gateway calls carry the credential of :func:`api_key`."""
+    """The client of ``--gateway`` or ``--monitor``; every call carries the credential of :func:`api_key`."""
     url = getattr(args, name)
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise UsageError(f"--{name} must be an http:// or https:// URL, got {url!r}")
-    key = api_key(getattr(args, "environ", os.environ)) if name == "gateway" else ""
+    env = getattr(args, "environ", os.environ)
+    key = api_key(env)
     headers = {"Authorization": f"Bearer {key}"} if key else None
-    return JsonClient(name, url, args.timeout, headers)
+    return JsonClient(name, url, args.timeout, headers, ssl_context=tls_context(env))
 
 
 def as_dict(body: Any, what: str) -> dict[str, Any]:

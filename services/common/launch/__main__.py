@@ -12,6 +12,14 @@ from services.common.launch.dev_key import DevKey, dev_api_key
 from services.common.launch.mesh import ROOT, SERVICES, Mesh
 
 
+def write_admin_env(mesh: Mesh) -> None:
+    """Admin's NATS login for this run, readable by its owner only (``set -a; . .loom/run/nats-admin.env``)."""
+    path = mesh.workdir / "nats-admin.env"
+    path.touch(mode=0o600)
+    password = mesh.nats_passwords.get("admin", "")
+    path.write_text(f"LOOM_NATS_URL={mesh.nats_address}\nLOOM_NATS_USER=admin\nLOOM_NATS_PASSWORD={password}\n")
+
+
 def banner(mesh: Mesh, key: DevKey) -> str:
     p = mesh.ports
     auth = f'-H "Authorization: Bearer {key.shell()}"'
@@ -21,12 +29,14 @@ Loom is ready ({len(SERVICES)} services, nats-server, tritonserver; logs in {mes
   HTTP   {mesh.gateway_http}/v1/pipelines/{{embed,content}}:predict   (OpenAPI: {mesh.gateway_http}/openapi.yaml)
          {mesh.gateway_http}/v2/...   KServe v2 REST (tritonclient.http works unchanged)
   gRPC   {mesh.gateway_grpc}  loom.v1.Gateway/Predict and inference.GRPCInferenceService (tritonclient.grpc)
-  NATS   {mesh.nats_url}
+  NATS   {mesh.nats_address}  a user per service, each allowed its own subjects (deploy/nats/loom.conf)
+         admin's login (provisioning, the nats CLI): {mesh.workdir / "nats-admin.env"}
   Triton grpc 127.0.0.1:{p["triton_grpc"]}  http 127.0.0.1:{p["triton_http"]}  metrics 127.0.0.1:{p["triton_metrics"]}
   Monitor {mesh.monitor_http}/   the dashboard; JSON under /v1 (alerts, slo, drift, accuracy, traces)
          metrics: {mesh.monitor_http}/metrics, {mesh.gateway_http}/metrics and each service's /metrics
   CLI    .venv/bin/loomctl status | alerts | trace <request_id> | feedback <pipeline> <request_id> --label L
-  Auth   every gateway call but /healthz, /readyz and /metrics needs credentials. The local admin key
+  Auth   every call to every service but /healthz, /readyz and gRPC health needs credentials (the
+         dashboard asks for a key once per tab; /metrics takes a viewer key). The local admin key
          (id "dev", tenant "dev") is in {key.origin}; loomctl finds it there. Other clients
          send it as the header (or gRPC metadata) authorization: Bearer <key>, for example
          export LOOM_API_KEY="{key.shell()}"
@@ -63,6 +73,7 @@ def main() -> int:
     try:
         print("starting Loom ...", flush=True)
         mesh.start()
+        write_admin_env(mesh)
         starting.clear()
         print(banner(mesh, key), flush=True)
         while not stop.is_set():

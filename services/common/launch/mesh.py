@@ -14,12 +14,13 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.auth import generate_api_key
-from services.common.launch.nats_server import NatsServer
+from services.common.launch.nats_server import NatsServer, login_env, new_passwords, run_provisioning
 from services.common.launch.procs import ManagedProcess, ProcessExited, free_port, wait_until
+from services.common.tls import ClientTls
+from services.common.tls import channel as tls_channel
 from services.common.triton_server import TritonServer, repository_models
 
 log = logging.getLogger(__name__)
@@ -57,8 +58,9 @@ def free_ports() -> dict[str, int]:
     return {k: free_port() for k in DEFAULT_PORTS}
 
 
-def grpc_serving(target: str, timeout: float = 1.0) -> bool:
-    with grpc.insecure_channel(target) as channel:
+def grpc_serving(target: str, timeout: float = 1.0, tls: ClientTls | None = None) -> bool:
+    """Whether ``target``'s gRPC health check says SERVING (over TLS, verified with ``tls``, when given)."""
+    with tls_channel(target, tls) as channel:
         reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
         return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
@@ -74,9 +76,13 @@ class Mesh:
     #: Triton's own OpenTelemetry spans to the monitor (LOOM_TRITON_TRACES=1). Off by default:
     #: Triton 2.51 can crash (SIGSEGV) under concurrent traced requests (triton-inference-server/server#7795).
     triton_traces: bool = field(default_factory=lambda: os.environ.get("LOOM_TRITON_TRACES", "") == "1")
-    #: An admin API key the gateway accepts (its LOOM_DEV_API_KEY): whoever starts the mesh can call it.
-    #: Empty: none (then only LOOM_AUTH_KEYS_FILE or JWTs get in).
+    #: An admin API key every service accepts (their LOOM_DEV_API_KEY): whoever starts the mesh can call
+    #: them; the services also send it with their spans to the monitor. Empty: none (then only
+    #: LOOM_AUTH_KEYS_FILE or JWTs get in, and OTEL_EXPORTER_OTLP_HEADERS must carry a span key).
     api_key: str = field(default_factory=generate_api_key)
+    #: Passwords of deploy/nats/loom.conf's users, fresh per mesh: each service logs in as itself and
+    #: may use only its own subjects; ``nats_url`` logs in as admin. Empty: NATS without authentication.
+    nats_passwords: dict[str, str] = field(default_factory=new_passwords)
     nats: NatsServer | None = None
     triton: TritonServer | None = None
     services: dict[str, ManagedProcess] = field(default_factory=dict)
@@ -99,8 +105,33 @@ class Mesh:
         return f"127.0.0.1:{self.ports['triton_grpc']}"
 
     @property
-    def nats_url(self) -> str:
+    def nats_address(self) -> str:
+        """The NATS URL without credentials."""
         return f"nats://127.0.0.1:{self.ports['nats']}"
+
+    @property
+    def nats_url(self) -> str:
+        """The NATS URL whoever started the mesh uses: it logs in as admin (all subjects, all of JetStream)."""
+        return self.nats_env("admin")["LOOM_NATS_URL"]
+
+    def nats_env(self, user: str) -> dict[str, str]:
+        """The ``LOOM_NATS_*`` settings of a process that logs in as ``user`` (the six services, admin)."""
+        return login_env("127.0.0.1", self.ports["nats"], user, self.nats_passwords)
+
+    def permission_violations(self) -> list[str]:
+        """nats-server's log lines about publishes and subscriptions it refused (a missing permission)."""
+        return self.nats.permission_violations() if self.nats is not None else []
+
+    @property
+    def tls(self) -> ClientTls | None:
+        """How to reach the services when their LOOM_TLS_CERT is set (verified with LOOM_TLS_CA); None: plaintext."""
+        env = {**os.environ, **self.env}
+        if not env.get("LOOM_TLS_CERT"):
+            return None
+        if not env.get("LOOM_TLS_CLIENT_CA"):
+            return ClientTls(env.get("LOOM_TLS_CA", ""))
+        # Mutual TLS: the mesh presents the services' own pair.
+        return ClientTls(env.get("LOOM_TLS_CA", ""), env["LOOM_TLS_CERT"], env.get("LOOM_TLS_KEY", ""))
 
     def http_url(self, service: str) -> str:
         return f"http://127.0.0.1:{self.ports[f'{service}_http']}"
@@ -111,21 +142,24 @@ class Mesh:
         env = dict(os.environ)
         env.update(self.env)
         env["PYTHONPATH"] = str(ROOT)
-        env["LOOM_NATS_URL"] = self.nats_url
+        env.update(self.nats_env(name))  # each service logs in as itself
         env["LOOM_INFERENCE_TRITON_URL"] = self.triton_grpc
         # Where version folders live: the gateway copies registered versions in, the inference
         # service has Triton load them (explicit model control).
         env["LOOM_GATEWAY_MODEL_REPOSITORY"] = str(self.model_repository)
         env["LOOM_INFERENCE_MODEL_REPOSITORY"] = str(self.model_repository)
         env["LOOM_REPLICA_ID"] = replica
-        env["LOOM_OTLP_ENDPOINT"] = f"http://127.0.0.1:{self.ports['monitor_grpc']}"
+        scheme = "https" if self.tls is not None else "http"
+        env["LOOM_OTLP_ENDPOINT"] = f"{scheme}://127.0.0.1:{self.ports['monitor_grpc']}"
         env["LOOM_MONITOR_TRITON_URL"] = f"127.0.0.1:{self.ports['triton_http']}"
         env["LOOM_MONITOR_TRITON_METRICS_URL"] = f"http://127.0.0.1:{self.ports['triton_metrics']}/metrics"
         for svc in SERVICES:
             env[f"LOOM_{svc.upper()}_GRPC_PORT"] = str(self.ports[f"{svc}_grpc"])
             env[f"LOOM_{svc.upper()}_HTTP_PORT"] = str(self.ports[f"{svc}_http"])
-        if name == "gateway" and self.api_key:  # only the gateway checks credentials
+        if self.api_key:  # every service checks credentials, the monitor's span ingest too
             env["LOOM_DEV_API_KEY"] = self.api_key
+            if not (env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")):
+                env.setdefault("OTEL_EXPORTER_OTLP_HEADERS", f"x-api-key={self.api_key}")  # not to a collector
         if self.traces:
             (self.workdir / "traces").mkdir(parents=True, exist_ok=True)
             env["LOOM_TRACES_FILE"] = str(self.workdir / "traces" / f"{replica}.jsonl")
@@ -167,7 +201,7 @@ class Mesh:
         def ok() -> bool:
             if not proc.running():
                 raise ProcessExited(f"{replica} exited:\n{proc.log_tail()}")
-            return grpc_serving(f"127.0.0.1:{grpc_port}")
+            return grpc_serving(f"127.0.0.1:{grpc_port}", tls=self.tls)
 
         try:
             wait_until(ok, timeout, interval=0.2, what=f"{replica} to serve")
@@ -185,6 +219,7 @@ class Mesh:
             # Triton's own spans (OTLP/HTTP JSON) join the request traces at the monitor.
             trace_otlp_url=f"127.0.0.1:{self.ports['monitor_http']}/v1/traces" if self.triton_traces else None,
             trace_service_name="triton",
+            trace_api_key=self.api_key,
             # Explicit control: every model starts with the versions its config.pbtxt names;
             # Loom's registry loads and unloads further versions through Triton's API.
             model_control_mode="explicit",
@@ -201,7 +236,11 @@ class Mesh:
             monitor_port=self.ports["nats_monitor"],
             store_dir=self.workdir / "jetstream",
             log_path=self.workdir / "logs" / "nats-server.log",
+            passwords=self.nats_passwords or None,
         ).start()
+        # Every stream and bucket, made as admin: the services may only bind them.
+        env = {**os.environ, **self.env, "PYTHONPATH": str(ROOT), **self.nats_env("admin")}
+        run_provisioning(env, self.workdir / "logs" / "provision.log")
         for name in SERVICES:  # they come up in parallel with Triton
             self.start_service(name)
         self.start_triton(timeout)

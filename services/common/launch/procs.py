@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -73,15 +74,20 @@ class ManagedProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
         try:
+            # setpriv (util-linux) sets the parent-death signal and execs: no Python runs between
+            # fork and exec. A preexec_fn would, and it makes fork take Python's at-fork locks,
+            # which deadlocked a parent whose other threads (gRPC, NATS) held them.
+            setpriv = shutil.which("setpriv")
+            argv = [setpriv, "--pdeathsig", "TERM", "--", *self.argv] if setpriv else self.argv
             self.proc = subprocess.Popen(
-                self.argv,
+                argv,
                 env=self.env,
                 cwd=self.cwd,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
-                preexec_fn=die_with_parent,
+                preexec_fn=None if setpriv else die_with_parent,
             )
         finally:
             log.close()

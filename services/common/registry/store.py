@@ -19,6 +19,7 @@ import random
 import time
 from collections.abc import Callable
 
+from nats.js.api import KeyValueConfig
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 from prometheus_client import Counter
@@ -49,6 +50,11 @@ REGISTRY_CONFLICTS = Counter(
 
 ChangeFn = Callable[[ModelRecord | None], ModelRecord]
 ChangeCallback = Callable[[str, ModelRecord | None], None]
+
+
+def bucket_config(bucket: str = BUCKET, replicas: int = 1) -> KeyValueConfig:
+    """The bucket as provisioning makes it (and a service, where NATS runs without authentication)."""
+    return KeyValueConfig(bucket=bucket, history=HISTORY, description="Loom model registry", replicas=replicas)
 
 
 def validation_message(exc: ValidationError) -> str:
@@ -87,12 +93,17 @@ class RegistryStore:
         self._initial = asyncio.Event()
 
     async def start(self, *, watch: bool = True) -> None:
-        """Open (or create) the bucket; with ``watch``, load every record and follow changes."""
+        """Open the bucket (made if missing, where allowed); with ``watch``, load every record and follow changes."""
         js = self.bus.nc.jetstream()
         try:
             self._kv = await js.key_value(self.bucket)
         except BucketNotFoundError:
-            self._kv = await js.create_key_value(bucket=self.bucket, history=HISTORY, description="Loom model registry")
+            try:
+                self._kv = await js.create_key_value(bucket_config(self.bucket))
+            except Exception as exc:  # least privilege: provisioning makes the buckets
+                raise Unavailable(
+                    f"KV bucket {self.bucket!r} is missing: {exc} (run services.common.provision)"
+                ) from exc
         if not watch:
             return
         self._watcher = await self._kv.watchall()

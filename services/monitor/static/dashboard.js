@@ -1,5 +1,9 @@
 /* Loom monitor dashboard.
  *
+ * Every API call carries the caller's key (role viewer) as Authorization: Bearer. The page takes
+ * it from the URL fragment (#key=..., dropped from the address bar at once) or asks for it, and
+ * keeps it in sessionStorage: this tab only, gone when the tab closes, never a cookie.
+ *
  * Polls v1/dashboard every 2 s and redraws each panel whose data changed, with plain DOM
  * nodes and inline SVG (no innerHTML: every API string lands in a text node or attribute).
  * Numbers a test may read sit in elements with data-value="<name>"; data-raw holds the
@@ -27,7 +31,7 @@
   const BAND_ORDER = { alert: 0, watch: 1, stable: 2, capturing: 3 };
   const BAND_TEXT = { stable: "stable", watch: "watch", alert: "alert", capturing: "capturing" };
 
-  const state = { lastOk: 0, failing: false, keys: {}, selected: null, traceRequest: 0, data: null };
+  const state = { lastOk: 0, failing: false, keys: {}, selected: null, traceRequest: 0, data: null, timer: 0 };
 
   // ---------------------------------------------------------------- DOM helpers
 
@@ -660,13 +664,67 @@
       spans.length ? null : empty("this trace has no spans"));
   }
 
+  // ---------------------------------------------------------------- credentials
+
+  const KEY_ITEM = "loom.monitor.key";
+
+  function apiKey() {
+    try { return sessionStorage.getItem(KEY_ITEM) || ""; } catch (_) { return ""; }
+  }
+
+  function setApiKey(key) {
+    try {
+      if (key) sessionStorage.setItem(KEY_ITEM, key); else sessionStorage.removeItem(KEY_ITEM);
+    } catch (_) { /* storage off: the key lives until the next refusal */ }
+  }
+
+  function keyFromFragment() {
+    // #key=<key> lets a link or a test open the page signed in; the key leaves the address bar
+    // (and the history entry) before the first request.
+    const found = /^#key=([^&]+)/.exec(window.location.hash);
+    if (!found) return;
+    setApiKey(decodeURIComponent(found[1]).trim());
+    history.replaceState(null, "", window.location.pathname + window.location.search);
+  }
+
+  function askForKey(err) {
+    // A refused or missing key stops the polling until a key is entered: no refusal every 2 s.
+    const live = document.getElementById("live");
+    const banner = document.getElementById("api-error");
+    live.dataset.state = "auth";
+    document.getElementById("live-text").textContent = "needs a key";
+    if (document.getElementById("key-form")) return; // already asking: keep what is being typed
+    const input = h("input", { type: "password", id: "api-key", name: "key", autocomplete: "off", spellcheck: "false",
+      placeholder: "API key or JWT", "aria-label": "API key or JWT with the role viewer" });
+    const submit = (ev) => {
+      ev.preventDefault();
+      const key = input.value.trim();
+      if (!key) return;
+      setApiKey(key);
+      banner.hidden = true;
+      banner.replaceChildren();
+      schedule(0);
+    };
+    const why = err.status === 403 ? "This key may not read the monitor (it needs the role viewer)."
+      : apiKey() ? "The key was refused." : "The monitor needs an API key or a JWT with the role viewer.";
+    setApiKey("");
+    banner.hidden = false;
+    banner.replaceChildren(h("form", { class: "key-form", id: "key-form", onsubmit: submit },
+      h("strong", null, why), " ", h("span", { class: "muted small" }, err.message), input,
+      h("button", { type: "submit" }, "Use key")));
+    input.focus();
+  }
+
   // ---------------------------------------------------------------- polling
 
   async function fetchJson(url) {
     const ctl = new AbortController();
     const timer = setTimeout(() => ctl.abort(), FETCH_TIMEOUT_MS);
+    const headers = { Accept: "application/json" };
+    const key = apiKey();
+    if (key) headers.Authorization = `Bearer ${key}`;
     try {
-      const resp = await fetch(url, { cache: "no-store", signal: ctl.signal, headers: { Accept: "application/json" } });
+      const resp = await fetch(url, { cache: "no-store", signal: ctl.signal, headers });
       if (!resp.ok) {
         let message = `HTTP ${resp.status}`;
         try {
@@ -735,14 +793,23 @@
       last ? `Showing the data received at ${last}; ` : "No data received yet; ", `retrying every ${POLL_MS / 1000} s.`);
   }
 
+  function schedule(ms) {
+    window.clearTimeout(state.timer);
+    state.timer = window.setTimeout(poll, ms);
+  }
+
   async function poll() {
     let doc = null;
     try {
       doc = await fetchJson(new URL("v1/dashboard", BASE));
       if (!doc || typeof doc !== "object") throw new Error("the answer is not a JSON object");
     } catch (err) {
+      if (err.status === 401 || err.status === 403) {
+        askForKey(err);
+        return;
+      }
       setLive(false, err);
-      window.setTimeout(poll, POLL_MS);
+      schedule(POLL_MS);
       return;
     }
     state.lastOk = Date.now();
@@ -754,8 +821,9 @@
       console.error("dashboard: render failed", err);
     }
     setLive(true);
-    window.setTimeout(poll, POLL_MS);
+    schedule(POLL_MS);
   }
 
+  keyFromFragment();
   poll();
 })();

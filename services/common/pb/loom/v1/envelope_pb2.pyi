@@ -489,6 +489,8 @@ class Part(_message.Message):
     CONTEXT_FIELD_NUMBER: _builtins.int
     FEATURES_FIELD_NUMBER: _builtins.int
     ROUTE_KEY_FIELD_NUMBER: _builtins.int
+    DURABLE_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     part_id: _builtins.str
     """the input's name, e.g. "text" """
@@ -514,6 +516,12 @@ class Part(_message.Message):
     """Skip the inference result cache for this request."""
     route_key: _builtins.str
     """Sticky routing key for model versions (x-loom-route-key); empty = the request id."""
+    durable: _builtins.bool
+    """Travels the durable lane: JetStream subjects (loom.work.*), acked after the
+    next hop is stored; fusion keeps the answer for GetResult.
+    """
+    tenant: _builtins.str
+    """The caller's tenant (durable results are readable by their tenant only)."""
     @_builtins.property
     def slip(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Remaining stages, as NATS subjects; the last one is the fusion partition."""
@@ -582,10 +590,12 @@ class Part(_message.Message):
         context: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         features: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         route_key: _builtins.str = ...,
+        durable: _builtins.bool = ...,
+        tenant: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["blob", b"blob", "error", b"error", "output", b"output"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["blob", b"blob", "bypass_cache", b"bypass_cache", "content_type", b"content_type", "context", b"context", "data", b"data", "deadline_unix_ms", b"deadline_unix_ms", "error", b"error", "features", b"features", "label_scores", b"label_scores", "modality", b"modality", "model", b"model", "model_version", b"model_version", "notes", b"notes", "output", b"output", "part_id", b"part_id", "part_ids", b"part_ids", "pipeline", b"pipeline", "reply_to", b"reply_to", "request_id", b"request_id", "route_key", b"route_key", "slip", b"slip", "tensors", b"tensors", "text", b"text", "timings_ms", b"timings_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blob", b"blob", "bypass_cache", b"bypass_cache", "content_type", b"content_type", "context", b"context", "data", b"data", "deadline_unix_ms", b"deadline_unix_ms", "durable", b"durable", "error", b"error", "features", b"features", "label_scores", b"label_scores", "modality", b"modality", "model", b"model", "model_version", b"model_version", "notes", b"notes", "output", b"output", "part_id", b"part_id", "part_ids", b"part_ids", "pipeline", b"pipeline", "reply_to", b"reply_to", "request_id", b"request_id", "route_key", b"route_key", "slip", b"slip", "tenant", b"tenant", "tensors", b"tensors", "text", b"text", "timings_ms", b"timings_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

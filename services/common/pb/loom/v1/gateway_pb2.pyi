@@ -7,6 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from services.common.pb.loom.v1 import envelope_pb2 as _envelope_pb2
 import builtins as _builtins
 import sys
@@ -245,3 +246,141 @@ class PredictResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PredictResponse: _TypeAlias = PredictResponse  # noqa: Y015
+
+@_typing.final
+class SubmitRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    idempotency_key: _builtins.str
+    """Makes Submit safe to retry: the same key (per tenant) always names the
+    same request, which runs once. 1-128 printable characters.
+    """
+    @_builtins.property
+    def request(self) -> Global___PredictRequest: ...
+    def __init__(
+        self,
+        *,
+        request: Global___PredictRequest | None = ...,
+        idempotency_key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "request", b"request"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitRequest: _TypeAlias = SubmitRequest  # noqa: Y015
+
+@_typing.final
+class SubmitResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    DUPLICATE_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    duplicate: _builtins.bool
+    """True when this key or id was already accepted: nothing new was queued."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        duplicate: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duplicate", b"duplicate", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitResponse: _TypeAlias = SubmitResponse  # noqa: Y015
+
+@_typing.final
+class GetResultRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetResultRequest: _TypeAlias = GetResultRequest  # noqa: Y015
+
+@_typing.final
+class Result(_message.Message):
+    """A durable request's record: the value behind GetResult, GET /v1/results/{id}
+    and every message on loom.res.<pipeline>.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _State:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _StateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[Result._State.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        STATE_UNSPECIFIED: Result._State.ValueType  # 0
+        PENDING: Result._State.ValueType  # 1
+        """Accepted, not answered yet."""
+        DONE: Result._State.ValueType  # 2
+        """Answered; `response` holds the answer (possibly degraded)."""
+        FAILED: Result._State.ValueType  # 3
+        """Answered with an error: no part produced an output."""
+
+    class State(_State, metaclass=_StateEnumTypeWrapper): ...
+    STATE_UNSPECIFIED: Result.State.ValueType  # 0
+    PENDING: Result.State.ValueType  # 1
+    """Accepted, not answered yet."""
+    DONE: Result.State.ValueType  # 2
+    """Answered; `response` holds the answer (possibly degraded)."""
+    FAILED: Result.State.ValueType  # 3
+    """Answered with an error: no part produced an output."""
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    PIPELINE_FIELD_NUMBER: _builtins.int
+    RESPONSE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    ACCEPTED_UNIX_MS_FIELD_NUMBER: _builtins.int
+    FINISHED_UNIX_MS_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    state: Global___Result.State.ValueType
+    pipeline: _builtins.str
+    accepted_unix_ms: _builtins.int
+    finished_unix_ms: _builtins.int
+    tenant: _builtins.str
+    """The tenant that submitted it (empty for requests published on NATS)."""
+    @_builtins.property
+    def response(self) -> Global___PredictResponse: ...
+    @_builtins.property
+    def error(self) -> _envelope_pb2.Error: ...
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        state: Global___Result.State.ValueType = ...,
+        pipeline: _builtins.str = ...,
+        response: Global___PredictResponse | None = ...,
+        error: _envelope_pb2.Error | None = ...,
+        accepted_unix_ms: _builtins.int = ...,
+        finished_unix_ms: _builtins.int = ...,
+        tenant: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "response", b"response"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_unix_ms", b"accepted_unix_ms", "error", b"error", "finished_unix_ms", b"finished_unix_ms", "pipeline", b"pipeline", "request_id", b"request_id", "response", b"response", "state", b"state", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Result: _TypeAlias = Result  # noqa: Y015

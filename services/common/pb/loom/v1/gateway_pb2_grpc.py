@@ -39,6 +39,16 @@ class GatewayStub:
                 request_serializer=loom_dot_v1_dot_gateway__pb2.PredictRequest.SerializeToString,
                 response_deserializer=loom_dot_v1_dot_gateway__pb2.PredictResponse.FromString,
                 _registered_method=True)
+        self.Submit = channel.unary_unary(
+                '/loom.v1.Gateway/Submit',
+                request_serializer=loom_dot_v1_dot_gateway__pb2.SubmitRequest.SerializeToString,
+                response_deserializer=loom_dot_v1_dot_gateway__pb2.SubmitResponse.FromString,
+                _registered_method=True)
+        self.GetResult = channel.unary_unary(
+                '/loom.v1.Gateway/GetResult',
+                request_serializer=loom_dot_v1_dot_gateway__pb2.GetResultRequest.SerializeToString,
+                response_deserializer=loom_dot_v1_dot_gateway__pb2.Result.FromString,
+                _registered_method=True)
 
 
 class GatewayServicer:
@@ -51,6 +61,21 @@ class GatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Submit(self, request, context):
+        """Accepts a request into the durable lane (JetStream) and returns its id at
+        once; the answer is kept for GetResult and published on loom.res.<pipeline>.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetResult(self, request, context):
+        """The state of a submitted request: PENDING until fusion has answered it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -58,6 +83,16 @@ def add_GatewayServicer_to_server(servicer, server):
                     servicer.Predict,
                     request_deserializer=loom_dot_v1_dot_gateway__pb2.PredictRequest.FromString,
                     response_serializer=loom_dot_v1_dot_gateway__pb2.PredictResponse.SerializeToString,
+            ),
+            'Submit': grpc.unary_unary_rpc_method_handler(
+                    servicer.Submit,
+                    request_deserializer=loom_dot_v1_dot_gateway__pb2.SubmitRequest.FromString,
+                    response_serializer=loom_dot_v1_dot_gateway__pb2.SubmitResponse.SerializeToString,
+            ),
+            'GetResult': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetResult,
+                    request_deserializer=loom_dot_v1_dot_gateway__pb2.GetResultRequest.FromString,
+                    response_serializer=loom_dot_v1_dot_gateway__pb2.Result.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -87,6 +122,60 @@ class Gateway:
             '/loom.v1.Gateway/Predict',
             loom_dot_v1_dot_gateway__pb2.PredictRequest.SerializeToString,
             loom_dot_v1_dot_gateway__pb2.PredictResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Submit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loom.v1.Gateway/Submit',
+            loom_dot_v1_dot_gateway__pb2.SubmitRequest.SerializeToString,
+            loom_dot_v1_dot_gateway__pb2.SubmitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetResult(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loom.v1.Gateway/GetResult',
+            loom_dot_v1_dot_gateway__pb2.GetResultRequest.SerializeToString,
+            loom_dot_v1_dot_gateway__pb2.Result.FromString,
             options,
             channel_credentials,
             insecure,

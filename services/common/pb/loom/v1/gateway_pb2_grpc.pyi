@@ -33,12 +33,24 @@ class GatewayStub:
     def __new__(cls, channel: _aio.Channel) -> GatewayAsyncStub: ...
     Predict: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.PredictRequest, _gateway_pb2.PredictResponse]
     """Runs a pipeline and waits for its fused answer (interactive lane)."""
+    Submit: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.SubmitRequest, _gateway_pb2.SubmitResponse]
+    """Accepts a request into the durable lane (JetStream) and returns its id at
+    once; the answer is kept for GetResult and published on loom.res.<pipeline>.
+    """
+    GetResult: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.GetResultRequest, _gateway_pb2.Result]
+    """The state of a submitted request: PENDING until fusion has answered it."""
 
 @_typing.type_check_only
 class GatewayAsyncStub(GatewayStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Predict: _aio.UnaryUnaryMultiCallable[_gateway_pb2.PredictRequest, _gateway_pb2.PredictResponse]  # type: ignore[assignment]
     """Runs a pipeline and waits for its fused answer (interactive lane)."""
+    Submit: _aio.UnaryUnaryMultiCallable[_gateway_pb2.SubmitRequest, _gateway_pb2.SubmitResponse]  # type: ignore[assignment]
+    """Accepts a request into the durable lane (JetStream) and returns its id at
+    once; the answer is kept for GetResult and published on loom.res.<pipeline>.
+    """
+    GetResult: _aio.UnaryUnaryMultiCallable[_gateway_pb2.GetResultRequest, _gateway_pb2.Result]  # type: ignore[assignment]
+    """The state of a submitted request: PENDING until fusion has answered it."""
 
 class GatewayServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -48,5 +60,23 @@ class GatewayServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_gateway_pb2.PredictResponse, _abc.Awaitable[_gateway_pb2.PredictResponse]]:
         """Runs a pipeline and waits for its fused answer (interactive lane)."""
+
+    @_abc_1.abstractmethod
+    def Submit(
+        self,
+        request: _gateway_pb2.SubmitRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_pb2.SubmitResponse, _abc.Awaitable[_gateway_pb2.SubmitResponse]]:
+        """Accepts a request into the durable lane (JetStream) and returns its id at
+        once; the answer is kept for GetResult and published on loom.res.<pipeline>.
+        """
+
+    @_abc_1.abstractmethod
+    def GetResult(
+        self,
+        request: _gateway_pb2.GetResultRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_pb2.Result, _abc.Awaitable[_gateway_pb2.Result]]:
+        """The state of a submitted request: PENDING until fusion has answered it."""
 
 def add_GatewayServicer_to_server(servicer: GatewayServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,83 @@
+"""Durable results: the ``loom_results`` KV bucket and the ``loom.res.<pipeline>`` stream.
+
+One key per durable request (its id), holding a ``loom.v1.Result``. The
+gateway creates the PENDING record when it accepts a request (``create``: it
+never overwrites an answer that came first); fusion puts the answer and
+publishes the same bytes on ``loom.res.<pipeline>`` with the request id as
+``Nats-Msg-Id``, so the stream holds each answer once even when two fusion
+replicas both complete the same request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from nats.js import JetStreamContext
+from nats.js.errors import KeyWrongLastSequenceError
+from nats.js.errors import NotFoundError as JsNotFound
+from nats.js.kv import KeyValue
+
+from services.common import durable, envelope
+from services.common.bus import Bus
+from services.common.errors import NotFound, Unavailable
+from services.common.pb.loom.v1 import gateway_pb2
+from services.common.telemetry import inject
+
+Result = gateway_pb2.Result
+
+
+class ResultStore:
+    def __init__(self, bus: Bus, lane: durable.LaneSettings) -> None:
+        self.bus = bus
+        self.lane = lane
+        self._kv: KeyValue | None = None
+
+    @property
+    def js(self) -> JetStreamContext:
+        return self.bus.nc.jetstream()
+
+    async def start(self) -> None:
+        self._kv = await durable.open_bucket(
+            self.js, durable.RESULTS_BUCKET, self.lane.results_ttl_s, self.lane.replicas
+        )
+
+    @property
+    def kv(self) -> KeyValue:
+        if self._kv is None:
+            raise Unavailable("the results store is not open yet")
+        return self._kv
+
+    async def find(self, request_id: str) -> Result | None:
+        try:
+            entry = await self.kv.get(request_id)
+        except JsNotFound:  # never written, deleted or expired
+            return None
+        if not entry.value:
+            return None
+        return Result.FromString(entry.value)
+
+    async def get(self, request_id: str) -> Result:
+        found = await self.find(request_id)
+        if found is None:
+            raise NotFound(f"no durable request {request_id!r} (never accepted, or its result expired)")
+        return found
+
+    async def create_pending(self, request_id: str, pipeline: str, tenant: str, accepted_ms: int) -> None:
+        """Record an accepted request unless something (its answer, a retry) is there already."""
+        pending = Result(
+            request_id=request_id,
+            state=Result.PENDING,
+            pipeline=pipeline,
+            tenant=tenant,
+            accepted_unix_ms=accepted_ms,
+        )
+        with contextlib.suppress(KeyWrongLastSequenceError):
+            await self.kv.create(request_id, pending.SerializeToString())
+
+    async def answer(self, result: Result) -> bool:
+        """Keep the answer and publish it on ``loom.res.<pipeline>``; False when the stream had it already."""
+        result.finished_unix_ms = result.finished_unix_ms or envelope.now_ms()
+        raw = result.SerializeToString()
+        await self.kv.put(result.request_id, raw)
+        subject = durable.result_subject(result.pipeline)
+        return await durable.publish_once(self.js, subject, raw, result.request_id, inject({}))

@@ -1,0 +1,24 @@
+"""Chaos on the durable lane, small: `make chaos N=10000` is the full run (BENCHMARKS.md).
+
+A 3-node NATS cluster with R3 streams, two replicas of every stage service, one
+Triton; replicas are SIGKILLed while durable requests flow and one NATS node
+restarts. Every accepted request is answered exactly once.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tools import chaos
+
+pytestmark = pytest.mark.integration
+
+
+def test_sigkills_and_a_nats_restart_lose_and_duplicate_nothing() -> None:
+    # Kills come faster than the full run's 5 s so that this short run sees several.
+    report = chaos.run(600, every_s=2.5, concurrency=16, settle_s=300)
+    print("\n" + "\n".join(report.lines()))
+    assert report.accepted == 600, report
+    assert report.kills >= 2 and report.nats_restarts == 1, report
+    assert report.lost == 0 and report.duplicated == 0, report
+    assert report.completed == report.accepted and report.failed == 0 and report.dead == 0, report
