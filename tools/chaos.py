@@ -242,7 +242,7 @@ class Chaos(threading.Thread):
             self.report.kills += 1
             self.log.append(f"{time.strftime('%H:%M:%S')} SIGKILL {victim.name}")
             victim.start()
-            if tick == 3 and self.report.nats_restarts == 0:
+            if tick == 1 and self.report.nats_restarts == 0:  # early, so even a short run has it
                 self.log.append(f"{time.strftime('%H:%M:%S')} restart NATS node n1")
                 self.cluster.restart(1, down_s=3.0)
                 self.report.nats_restarts += 1
