@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 
 from nats.js import JetStreamContext
-from nats.js.errors import KeyWrongLastSequenceError
+from nats.js.errors import BadRequestError, KeyWrongLastSequenceError
 from nats.js.errors import NotFoundError as JsNotFound
 from nats.js.kv import KeyValue
 
@@ -71,7 +71,9 @@ class ResultStore:
             tenant=tenant,
             accepted_unix_ms=accepted_ms,
         )
-        with contextlib.suppress(KeyWrongLastSequenceError):
+        # Exists already (its answer came first, or a retry): nats-py reports that as a wrong last
+        # sequence, also from its own second look at a key it takes for deleted.
+        with contextlib.suppress(KeyWrongLastSequenceError, BadRequestError):
             await self.kv.create(request_id, pending.SerializeToString())
 
     async def answer(self, result: Result) -> bool:

@@ -176,7 +176,8 @@ class DurableFront:
             await durable.publish_once(
                 js, durable.work_subject(part.slip[0]), part.SerializeToString(), msg_id, inject({})
             )
-        await self.results.create_pending(request_id, pipeline, tenant, accepted_ms)
+        if record is None:  # published on NATS: Submit wrote its record before it published
+            await self.results.create_pending(request_id, pipeline, tenant, accepted_ms)
         await msg.ack()
         metrics.DURABLE.labels("gateway", INGRESS, "forwarded").inc()
         return None
