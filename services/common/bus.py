@@ -22,6 +22,7 @@ import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.js import JetStreamContext
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 from prometheus_client.core import REGISTRY, GaugeMetricFamily
@@ -84,6 +85,7 @@ class Bus:
         self._outbox: asyncio.Queue[tuple[str, bytes, dict[str, str]]] | None = None
         self._sender: asyncio.Task[None] | None = None
         self._nc: NATS | None = None
+        self._js: JetStreamContext | None = None
         self._subs: list[Subscription] = []
         self._tasks: set[asyncio.Task[None]] = set()
         #: Durable-lane pull workers (services.common.durable.PullWorker): stopped first on drain.
@@ -98,6 +100,13 @@ class Bus:
         if self._nc is None:
             raise Unavailable("not connected to NATS")
         return self._nc
+
+    @property
+    def js(self) -> JetStreamContext:
+        """This connection's JetStream context, made once (the durable lane uses it per message)."""
+        if self._js is None:
+            self._js = self.nc.jetstream()
+        return self._js
 
     @property
     def connected(self) -> bool:
@@ -145,6 +154,7 @@ class Bus:
                 raise Unavailable(f"NATS at {redact(servers)} refused {self.service}: {refused.result()}")
             try:
                 self._nc = attempt.result()
+                self._js = None
                 return
             except Exception as exc:  # nats raises several unrelated types here
                 if time.monotonic() > deadline:

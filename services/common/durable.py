@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -27,16 +26,18 @@ from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
     DeliverPolicy,
+    KeyValueConfig,
     RetentionPolicy,
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import NotFoundError
+from nats.js.errors import BucketNotFoundError
 from nats.js.kv import KeyValue
 
 from services.common import metrics
 from services.common.bus import Bus
 from services.common.errors import Unavailable
+from services.common.retry import Backoff
 from services.common.settings import CommonSettings
 from services.common.subjects import PREFIX
 
@@ -105,6 +106,11 @@ class LaneSettings:
     backoff_max_s: float = 30.0
     concurrency: int = 64
 
+    @property
+    def backoff(self) -> Backoff:
+        """Pauses between the tries of a transient failure (full jitter)."""
+        return Backoff(attempts=self.max_deliver, base_s=self.backoff_s, cap_s=self.backoff_max_s)
+
     @classmethod
     def from_settings(cls, settings: CommonSettings) -> LaneSettings:
         return cls(
@@ -120,7 +126,7 @@ class LaneSettings:
 
 
 def stream_configs(lane: LaneSettings) -> list[StreamConfig]:
-    """Every stream of the durable lane (the KV buckets are made by :func:`ensure_lane`)."""
+    """Every stream of the durable lane (its KV buckets: :func:`bucket_configs`)."""
     common: dict[str, Any] = {
         "storage": StorageType.FILE,
         "num_replicas": lane.replicas,
@@ -160,32 +166,26 @@ def stream_configs(lane: LaneSettings) -> list[StreamConfig]:
     ]
 
 
-async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
+def bucket_configs(lane: LaneSettings) -> list[KeyValueConfig]:
+    """The lane's KV buckets: answers by request id, and the parts of requests being joined."""
+    return [
+        KeyValueConfig(bucket=RESULTS_BUCKET, history=1, ttl=lane.results_ttl_s, replicas=lane.replicas),
+        KeyValueConfig(bucket=FUSION_BUCKET, history=1, ttl=lane.fusion_ttl_s, replicas=lane.replicas),
+    ]
+
+
+async def open_bucket(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
+    """Bind ``config.bucket``; make it first if it is missing (a NATS without provisioning)."""
     try:
-        await js.stream_info(config.name or "")
-    except NotFoundError:
-        with contextlib.suppress(Exception):  # a replica starting at the same moment made it
-            await js.add_stream(config)
-        await js.stream_info(config.name or "")
-
-
-async def ensure_lane(js: JetStreamContext, lane: LaneSettings) -> None:
-    """Make what is missing (provisioning normally has); never changes what exists."""
-    for config in stream_configs(lane):
-        await _ensure_stream(js, config)
-    await open_bucket(js, RESULTS_BUCKET, lane.results_ttl_s, lane.replicas)
-    await open_bucket(js, FUSION_BUCKET, lane.fusion_ttl_s, lane.replicas)
-
-
-async def open_bucket(js: JetStreamContext, bucket: str, ttl_s: float, replicas: int = 1) -> KeyValue:
-    from nats.js.errors import BucketNotFoundError
-
-    try:
-        return await js.key_value(bucket)
+        return await js.key_value(config.bucket or "")
     except BucketNotFoundError:
-        with contextlib.suppress(Exception):
-            await js.create_key_value(bucket=bucket, history=1, ttl=ttl_s, replicas=replicas)
-        return await js.key_value(bucket)
+        with contextlib.suppress(Exception):  # a replica starting at the same moment made it
+            await js.create_key_value(config)
+        return await js.key_value(config.bucket or "")
+
+
+def bucket(lane: LaneSettings, name: str) -> KeyValueConfig:
+    return next(c for c in bucket_configs(lane) if c.bucket == name)
 
 
 async def publish_once(
@@ -201,11 +201,6 @@ async def publish_once(
 
 def deliveries(msg: Msg) -> int:
     return int(msg.metadata.num_delivered or 1)
-
-
-def backoff_s(attempt: int, *, base: float = 0.5, cap: float = 10.0) -> float:
-    """Full jitter: a random wait up to base * 2^(attempt-1), at most ``cap``."""
-    return random.uniform(0.0, min(cap, base * (2 ** max(0, attempt - 1))))
 
 
 async def dead_letter(js: JetStreamContext, service: str, stage: str, msg: Msg, reason: str) -> None:
@@ -225,6 +220,16 @@ async def dead_letter(js: JetStreamContext, service: str, stage: str, msg: Msg, 
     await msg.ack()
     metrics.DEAD_LETTERS.labels(service, stage).inc()
     log.warning("dead letter from %s (stream seq %s): %s", msg.subject, seq, reason)
+
+
+async def give_up_if_redelivered(js: JetStreamContext, service: str, stage: str, msg: Msg, lane: LaneSettings) -> bool:
+    """Dead-letter a message delivered more often than the lane tries (its handler crashed or hung each time)."""
+    tries = deliveries(msg)
+    if tries <= lane.max_deliver:
+        return False
+    reason = f"not acknowledged after {tries - 1} deliveries (a replica crashed or hung on it)"
+    await dead_letter(js, service, stage, msg, reason)
+    return True
 
 
 MsgHandler = Callable[[Msg], Awaitable[None]]
@@ -272,8 +277,9 @@ class PullWorker:
         )
 
     async def start(self) -> None:
-        js = self.bus.nc.jetstream()
-        sub = await js.pull_subscribe(self.subject, durable=self.durable, stream=self.stream, config=self.config())
+        sub = await self.bus.js.pull_subscribe(
+            self.subject, durable=self.durable, stream=self.stream, config=self.config()
+        )
         self._task = asyncio.create_task(self._pull(sub), name=f"pull-{self.durable}")
         self.bus.workers.append(self)  # Bus.drain stops pulling before it drains subscriptions
 

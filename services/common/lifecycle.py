@@ -34,10 +34,11 @@ from services.common.audit import AuditLog
 from services.common.auth import AuthSettings
 from services.common.bus import Bus
 from services.common.claims import ClaimCheck
-from services.common.durable import LaneSettings, ensure_lane
+from services.common.durable import LaneSettings
 from services.common.nats_options import NatsOptions
 from services.common.pipeline_store import PipelineStore
 from services.common.pipelines import PipelineRegistry
+from services.common.provision import lane_plan, provision
 from services.common.settings import CommonSettings
 from services.common.telemetry import setup_logging, setup_tracing
 
@@ -195,7 +196,7 @@ async def serve(service: Service) -> None:
     async def start() -> None:
         await rt.bus.connect(settings.nats_url, options=NatsOptions.from_settings(settings))
         if rt.lane is not None:
-            await ensure_lane(rt.bus.nc.jetstream(), rt.lane)
+            await provision(rt.bus.js, lane_plan(rt.lane))  # only what is missing (NATS without provisioning)
         await rt.claims.start()
         await rt.store.start()
         await service.start(rt)

@@ -75,15 +75,18 @@ def plan(
         registry_store.bucket_config(settings.models_bucket, r),
         # As ResultCache.start makes it: one revision, TTL = max age, direct gets for speed.
         KeyValueConfig(bucket=cache_bucket, history=1, ttl=cache_ttl_s, direct=True, replicas=r),
-        # The durable lane's, as durable.open_bucket makes them.
-        KeyValueConfig(bucket=durable.RESULTS_BUCKET, history=1, ttl=lane.results_ttl_s, replicas=r),
-        KeyValueConfig(bucket=durable.FUSION_BUCKET, history=1, ttl=lane.fusion_ttl_s, replicas=r),
+        *durable.bucket_configs(lane),
     ]
     return Plan(
         streams=[audit.stream_config(r), *durable.stream_configs(lane)],
         buckets=[b for b in buckets if cache or b.bucket != cache_bucket],
         objects=[claims.store_config(settings.blob_bucket, settings.blob_ttl_s, r)],
     )
+
+
+def lane_plan(lane: durable.LaneSettings) -> Plan:
+    """The durable lane's streams and buckets alone: what a service makes at start where they are missing."""
+    return Plan(streams=durable.stream_configs(lane), buckets=durable.bucket_configs(lane))
 
 
 async def _exists(js: JetStreamContext, stream: str) -> bool:

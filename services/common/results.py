@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 
-from nats.js import JetStreamContext
 from nats.js.errors import BadRequestError, KeyWrongLastSequenceError
 from nats.js.errors import NotFoundError as JsNotFound
 from nats.js.kv import KeyValue
@@ -32,14 +31,8 @@ class ResultStore:
         self.lane = lane
         self._kv: KeyValue | None = None
 
-    @property
-    def js(self) -> JetStreamContext:
-        return self.bus.nc.jetstream()
-
     async def start(self) -> None:
-        self._kv = await durable.open_bucket(
-            self.js, durable.RESULTS_BUCKET, self.lane.results_ttl_s, self.lane.replicas
-        )
+        self._kv = await durable.open_bucket(self.bus.js, durable.bucket(self.lane, durable.RESULTS_BUCKET))
 
     @property
     def kv(self) -> KeyValue:
@@ -82,4 +75,4 @@ class ResultStore:
         raw = result.SerializeToString()
         await self.kv.put(result.request_id, raw)
         subject = durable.result_subject(result.pipeline)
-        return await durable.publish_once(self.js, subject, raw, result.request_id, inject({}))
+        return await durable.publish_once(self.bus.js, subject, raw, result.request_id, inject({}))

@@ -115,12 +115,11 @@ class StageRunner:
     async def on_work(self, msg: Msg) -> None:
         """One durable part: work, store the next hop, then ack; transient failures are tried again."""
         assert self.lane is not None
-        js = self.bus.nc.jetstream()
+        js = self.bus.js
         stage = durable.consumer_name(msg.subject)
+        if await durable.give_up_if_redelivered(js, self.service, stage, msg, self.lane):
+            return None
         tries = durable.deliveries(msg)
-        if tries > self.lane.max_deliver:
-            reason = f"not acknowledged after {tries - 1} deliveries (a replica crashed or hung on it)"
-            return await durable.dead_letter(js, self.service, stage, msg, reason)
         try:
             part = pb.Part.FromString(msg.data)
         except DecodeError:
@@ -139,7 +138,7 @@ class StageRunner:
         if code in RETRYABLE and not envelope.expired(part):
             if tries < self.lane.max_deliver:
                 metrics.DURABLE.labels(self.service, stage, "retried").inc()
-                await msg.nak(delay=durable.backoff_s(tries, base=self.lane.backoff_s, cap=self.lane.backoff_max_s))
+                await msg.nak(delay=self.lane.backoff.delay(tries))
                 return None
             reason = f"{code} on each of {tries} tries: {part.error.message}"
             return await durable.dead_letter(js, self.service, stage, msg, reason)

@@ -66,19 +66,16 @@ class DurableFusion:
         self._parts: KeyValue | None = None
 
     async def start(self) -> None:
-        js = self.bus.nc.jetstream()
         await self.results.start()
-        self._parts = await durable.open_bucket(js, durable.FUSION_BUCKET, self.lane.fusion_ttl_s, self.lane.replicas)
+        self._parts = await durable.open_bucket(self.bus.js, durable.bucket(self.lane, durable.FUSION_BUCKET))
         subject = durable.work_subject("loom.fuse.>")
         await durable.PullWorker(self.bus, durable.WORK_STREAM, subject, self.on_part, self.lane, durable=STAGE).start()
 
     async def on_part(self, msg: Msg) -> None:
         started = time.perf_counter()
-        js = self.bus.nc.jetstream()
-        tries = durable.deliveries(msg)
-        if tries > self.lane.max_deliver:
-            reason = f"not acknowledged after {tries - 1} deliveries (a replica crashed or hung on it)"
-            return await durable.dead_letter(js, self.service, STAGE, msg, reason)
+        js = self.bus.js
+        if await durable.give_up_if_redelivered(js, self.service, STAGE, msg, self.lane):
+            return None
         try:
             part = pb.Part.FromString(msg.data)
         except DecodeError:

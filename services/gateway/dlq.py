@@ -47,7 +47,7 @@ class DeadLetters:
 
     @property
     def js(self) -> JetStreamContext:
-        return self.bus.nc.jetstream()
+        return self.bus.js
 
     async def list(self, *, limit: int = 100, stage: str = "") -> list[dict[str, Any]]:
         """The newest ``limit`` letters (oldest first), of one stage (e.g. ``infer_minilm``) or all."""

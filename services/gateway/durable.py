@@ -20,7 +20,6 @@ import re
 
 from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
-from nats.js import JetStreamContext
 
 from services.common import auth, durable, envelope, metrics
 from services.common.bus import Bus
@@ -63,10 +62,6 @@ class DurableFront:
         self.claims = claims
         self.lane = lane
         self.results = ResultStore(bus, lane)
-
-    @property
-    def js(self) -> JetStreamContext:
-        return self.bus.nc.jetstream()
 
     async def start(self, *, ingress: bool = True) -> None:
         await self.results.start()
@@ -111,7 +106,7 @@ class DurableFront:
         if existing is None:
             await self.results.create_pending(request_id, spec.name, tenant, envelope.now_ms())
         headers = inject({ROUTE_KEY_HEADER: call.route_key} if call.route_key else {})
-        fresh = await durable.publish_once(self.js, durable.request_subject(spec.name), raw, request_id, headers)
+        fresh = await durable.publish_once(self.bus.js, durable.request_subject(spec.name), raw, request_id, headers)
         duplicate = existing is not None or not fresh
         metrics.DURABLE.labels("gateway", INGRESS, "duplicate" if duplicate else "accepted").inc()
         return gateway_pb2.SubmitResponse(request_id=request_id, duplicate=duplicate)
@@ -129,11 +124,9 @@ class DurableFront:
 
     async def on_request(self, msg: Msg) -> None:
         """One accepted request: store its parts on ``loom.work.*``, then ack it."""
-        js = self.js
-        tries = durable.deliveries(msg)
-        if tries > self.lane.max_deliver:
-            reason = f"not acknowledged after {tries - 1} deliveries (a gateway crashed or hung on it)"
-            return await durable.dead_letter(js, "gateway", INGRESS, msg, reason)
+        js = self.bus.js
+        if await durable.give_up_if_redelivered(js, "gateway", INGRESS, msg, self.lane):
+            return None
         try:
             req = gateway_pb2.PredictRequest.FromString(msg.data)
         except DecodeError:

@@ -21,7 +21,7 @@ from services.common.launch.nats_server import NatsServer
 from services.common.nats_options import NatsOptions
 from services.common.pipeline_store import PipelineStore
 from services.common.pipelines import PipelineRegistry
-from services.common.provision import CACHE_BUCKET, CACHE_TTL_S, plan
+from services.common.provision import CACHE_BUCKET, CACHE_TTL_S, lane_plan, plan, provision
 from services.common.registry.store import RegistryStore
 from services.common.settings import CommonSettings
 from services.inference.cache import ResultCache
@@ -46,7 +46,8 @@ async def test_provisioning_makes_what_the_services_would_make_themselves(tmp_pa
         await ClaimCheck(bus, "gateway", settings.blob_bucket, ttl_s=settings.blob_ttl_s).start()
         await AuditLog(bus, service="gateway").start()
         await ResultCache(enabled=True, bucket=CACHE_BUCKET, ttl_s=CACHE_TTL_S, max_value_bytes=1024).start(bus.nc)
-        await durable.ensure_lane(bus.nc.jetstream(), durable.LaneSettings.from_settings(settings))
+        # As every service does at start (services.common.lifecycle): the lane, where it is missing.
+        await provision(bus.js, lane_plan(durable.LaneSettings.from_settings(settings)))
         admin = await nats.connect(provisioned.url)
         try:
             for name in plan(settings).names():

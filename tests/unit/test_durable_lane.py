@@ -36,10 +36,11 @@ def test_hop_ids_differ_along_the_slip_so_a_repeated_hop_is_dropped_and_a_new_on
 
 
 def test_backoff_is_jittered_and_capped() -> None:
-    waits = [durable.backoff_s(attempt, base=0.5, cap=4.0) for attempt in range(1, 10) for _ in range(50)]
+    backoff = durable.LaneSettings(max_deliver=10, backoff_s=0.5, backoff_max_s=4.0).backoff
+    waits = [backoff.delay(attempt) for attempt in range(1, 10) for _ in range(50)]
     assert all(0.0 <= w <= 4.0 for w in waits)
     assert len({round(w, 6) for w in waits}) > 100  # random, not a fixed schedule
-    assert max(durable.backoff_s(1, base=0.5, cap=4.0) for _ in range(200)) <= 0.5
+    assert max(backoff.delay(1) for _ in range(200)) <= 0.5
 
 
 def test_the_same_key_of_the_same_tenant_names_the_same_request() -> None:
