@@ -159,9 +159,13 @@ def _text(rng: random.Random) -> str:
 
 
 async def submit_all(
-    targets: list[str], key: str, n: int, run: str, concurrency: int, report: Report
+    targets: list[str], key: str, n: int, run: str, concurrency: int, report: Report, min_kills: int = 0
 ) -> dict[str, str]:
-    """Submit ``n`` requests, each retried (same idempotency key) until a gateway accepts it."""
+    """Submit ``n`` requests, each retried (same idempotency key) until a gateway accepts it.
+
+    With ``min_kills``, the traffic is cut into ``min_kills + 1`` slices and each slice waits for
+    one more SIGKILL, so that however fast this machine is, that many kills land among the requests.
+    """
     metadata = (("authorization", f"Bearer {key}"),)
     channels = [grpc.aio.insecure_channel(t) for t in targets]
     stubs = [gateway_pb2_grpc.GatewayStub(c) for c in channels]
@@ -170,6 +174,11 @@ async def submit_all(
     rng = random.Random(7)
 
     async def one(i: int) -> None:
+        kills_first = i * (min_kills + 1) // n
+        waited = 0.0
+        while report.kills < kills_first and waited < 600.0:  # bounded: a kill comes every few seconds
+            await asyncio.sleep(0.05)
+            waited += 0.05
         req = gateway_pb2.PredictRequest(pipeline="embed", timeout_ms=1_800_000)
         req.inputs["text"].text = _text(rng)
         sub = gateway_pb2.SubmitRequest(request=req, idempotency_key=f"{run}-{i}")
@@ -248,7 +257,15 @@ class Chaos(threading.Thread):
                 self.report.nats_restarts += 1
 
 
-def run(n: int, *, every_s: float = 5.0, concurrency: int = 32, settle_s: float = 600.0, keep: bool = False) -> Report:
+def run(
+    n: int,
+    *,
+    every_s: float = 5.0,
+    concurrency: int = 32,
+    settle_s: float = 600.0,
+    keep: bool = False,
+    min_kills: int = 0,
+) -> Report:
     workdir = Path(tempfile.mkdtemp(prefix="loom-chaos-"))
     (workdir / "logs").mkdir()
     report = Report()
@@ -282,7 +299,7 @@ def run(n: int, *, every_s: float = 5.0, concurrency: int = 32, settle_s: float 
         chaos = Chaos(replicas, cluster, every_s, report)
         chaos.start()
         began = time.monotonic()
-        accepted = asyncio.run(submit_all(gateways, api_key, n, f"chaos{int(began)}", concurrency, report))
+        accepted = asyncio.run(submit_all(gateways, api_key, n, f"chaos{int(began)}", concurrency, report, min_kills))
         report.accepted = len(accepted)
         settle_until = time.monotonic() + settle_s
         while time.monotonic() < settle_until:

@@ -15,8 +15,9 @@ pytestmark = pytest.mark.integration
 
 
 def test_sigkills_and_a_nats_restart_lose_and_duplicate_nothing() -> None:
-    # Kills come faster than the full run's 5 s so that this short run sees several.
-    report = chaos.run(600, every_s=2.5, concurrency=16, settle_s=300)
+    # Kills come faster than the full run's 5 s, and the traffic waits for them: a third of the
+    # requests go in before the first SIGKILL, a third after it, a third after the second one.
+    report = chaos.run(600, every_s=2.5, concurrency=16, settle_s=300, min_kills=2)
     print("\n" + "\n".join(report.lines()))
     assert report.accepted == 600, report
     assert report.kills >= 2 and report.nats_restarts == 1, report
