@@ -6,13 +6,16 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help venv debs proto proto-check models run test unit integration lint bench chaos clean
+.PHONY: help venv debs proto proto-check models run test unit integration lint bench chaos multihost deploy-check k8s-sync clean
 
 help:
 	@echo "make run    start the whole mesh locally (NATS, Triton, six services)"
 	@echo "make test   install and run the whole test suite"
 	@echo "make bench  measure Triton direct vs through the gateway (writes BENCHMARKS.md)"
 	@echo "make chaos  N=10000: durable requests while replicas are SIGKILLed and a NATS node restarts"
+	@echo "make multihost  three network-namespace hosts: cut one off, kill it, rejoin (root; tools/multihost.py)"
+	@echo "make deploy-check  hadolint, Compose schema, Kustomize render + schemas + policy (offline)"
+	@echo "make k8s-sync   refresh deploy/k8s's copies of the pipelines, loom.conf and the alert rules"
 	@echo "make models export minilm version 2 (fp32 ONNX) into deploy/triton/minilm/2/"
 	@echo "make proto  regenerate services/common/pb from protos/"
 	@echo "make lint   ruff and mypy"
@@ -88,6 +91,19 @@ bench: $(STAMP) debs models
 N ?= 10000
 chaos: $(STAMP) models
 	$(BIN)/python -m tools.chaos -n $(N) --record BENCHMARKS.md
+
+# Three Linux network namespaces on a bridge, one NATS node and every service on each (needs root).
+multihost: $(STAMP) debs models
+	$(BIN)/python -m tools.multihost
+
+# The same checks make test runs (tests/unit/test_container.py, test_compose.py, test_k8s.py), as commands.
+deploy-check: $(STAMP)
+	$(BIN)/hadolint Dockerfile deploy/triton/Dockerfile
+	$(BIN)/check-jsonschema --builtin-schema vendor.compose-spec deploy/compose/compose.yaml
+	$(BIN)/python -m tools.k8s_check
+
+k8s-sync: $(STAMP)
+	$(BIN)/python -m tools.k8s_sync
 
 clean:
 	rm -rf $(VENV) $(EXPORT_VENV) $(MINILM_V2) .pytest_cache .mypy_cache .ruff_cache

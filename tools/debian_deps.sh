@@ -5,8 +5,9 @@
 #   libsndfile1           soundfile's decoder (the wheel bundles one; this is the system fallback)
 #   prometheus            promtool, which checks and unit-tests deploy/monitoring's config and alert rules
 #   chromium              a headless browser for the dashboard test
+#   iproute2              ip netns and veth links for the multi-host test
 set -euo pipefail
-packages=(espeak-ng sox fonts-dejavu-core libsndfile1 prometheus chromium)
+packages=(espeak-ng sox fonts-dejavu-core libsndfile1 prometheus chromium iproute2)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -43,6 +43,21 @@ ROLLOUT_STEP = Gauge(
     ["model", "version"],
 )
 MEMORY_LIMIT = Gauge("loom_monitor_memory_limit_bytes", "The memory the monitor's buffer limits are sized for.")
+# Little's law per stage service (services/monitor/capacity.py): the predictive scaling signal.
+DESIRED_REPLICAS = Gauge(
+    "loom_desired_replicas",
+    "Replicas a stage service needs for its recent load: ceil(arrival rate x service time / "
+    "(per-replica concurrency x target utilisation)), clamped to the configured min and max.",
+    ["service"],
+)
+ARRIVAL_RATE = Gauge(
+    "loom_stage_arrival_rate", "Items a stage service handled per second over the capacity window.", ["service"]
+)
+SERVICE_SECONDS = Gauge(
+    "loom_stage_service_seconds",
+    "Mean time an item spent inside a stage service (after it was taken off the queue) over the capacity window.",
+    ["service"],
+)
 
 
 class _Dropped(Collector):
@@ -128,6 +143,10 @@ def update(m: Monitor, now_ms: int) -> None:
         if limit is not None:
             BUFFER_LIMIT.labels(buffer).set(limit)
     _set(ROLLOUT_STEP, rollout_rows(m))
+    loads = m.capacity.loads(now_ms)
+    _set(DESIRED_REPLICAS, [((x.service,), x.desired_replicas) for x in loads])
+    _set(ARRIVAL_RATE, [((x.service,), x.arrival_rate) for x in loads])
+    _set(SERVICE_SECONDS, [((x.service,), x.service_s) for x in loads])
     DROPPED.monitor = m
     MEMORY_LIMIT.set(s.memory_limit_mb * 1024 * 1024)
 

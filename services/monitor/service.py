@@ -41,6 +41,7 @@ from services.monitor import gauges, rules
 from services.monitor.accuracy import AccuracyBook, AnswerBook
 from services.monitor.alerts import AlertBook
 from services.monitor.api import ACCESS, add_routes
+from services.monitor.capacity import DEFAULT_CONCURRENCY, CapacityBook, CapacityPolicy
 from services.monitor.dlq_watch import DlqWatch
 from services.monitor.drift import DriftBook
 from services.monitor.notify import Notifier
@@ -85,6 +86,16 @@ class Monitor(Service):
         self.answers = AnswerBook(max_answers=s.answers)
         self.accuracy = AccuracyBook(self.answers, window=s.accuracy_window, min_samples=s.accuracy_min_samples)
         self.versions = VersionBook(keep_s=s.slo_long_s, samples=s.version_samples)
+        self.capacity = CapacityBook(
+            CapacityPolicy(
+                concurrency={**DEFAULT_CONCURRENCY, **s.capacity_concurrency},
+                target_utilization=s.capacity_target_utilization,
+                min_replicas=s.capacity_min_replicas,
+                max_replicas=s.capacity_max_replicas,
+            ),
+            window_s=s.capacity_window_s,
+            started_ms=now_ms(),
+        )
         #: The model registry and the rollout controller (started in ``start`` when rollout_enabled).
         self.registry: RegistryStore | None = None
         self.rollouts: RolloutController | None = None
@@ -189,6 +200,8 @@ class Monitor(Service):
         code = event.code or "OK"
         t = now_ms()
         self.book.record(event)
+        # Every handled item, failed ones included: they kept a replica busy all the same.
+        self.capacity.record(event.service, event.stage, event.duration_ms, t)
         # Before the OK filter below: a version's failures are what a rollout is judged on.
         self.versions.record(event, t)
         EVENTS.labels(event.service, event.stage, event.pipeline, code).inc()

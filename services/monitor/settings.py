@@ -2,8 +2,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import field_validator
+
 from services.common.auth import AuthSettings
 from services.common.settings import service_field
+from services.monitor.capacity import STAGE_SERVICES
 
 
 def _f(name: str, default: Any, description: str) -> Any:
@@ -68,3 +71,27 @@ class MonitorSettings(AuthSettings):
     memory_limit_mb: int = _f(
         "memory_limit_mb", 512, "The memory the monitor is sized for with the buffer limits above (documented bound)."
     )
+    capacity_window_s: float = _f(
+        "capacity_window_s", 60.0, "Window of the arrival rate and service time behind loom_desired_replicas."
+    )
+    capacity_concurrency: dict[str, float] = _f(
+        "capacity_concurrency",
+        {},
+        'Items one replica of a stage handles at once, a JSON map such as {"inference": 8}; stages not named keep '
+        "their defaults (gateway 64, preprocess 2, inference 4, postprocess 1, fusion 16).",
+    )
+    capacity_target_utilization: float = _f(
+        "capacity_target_utilization", 0.7, "Share of that concurrency loom_desired_replicas plans to use, in (0, 1]."
+    )
+    capacity_min_replicas: int = _f("capacity_min_replicas", 1, "Fewest replicas loom_desired_replicas asks for.")
+    capacity_max_replicas: int = _f("capacity_max_replicas", 20, "Most replicas loom_desired_replicas asks for.")
+
+    @field_validator("capacity_concurrency")
+    @classmethod
+    def _concurrency(cls, value: dict[str, float]) -> dict[str, float]:
+        unknown = set(value) - set(STAGE_SERVICES)
+        if unknown:
+            raise ValueError(f"unknown stage services {sorted(unknown)}; known: {', '.join(STAGE_SERVICES)}")
+        if any(not v > 0 for v in value.values()):
+            raise ValueError("every concurrency must be > 0")
+        return value
