@@ -28,6 +28,10 @@ class NatsOptions:
     #: A NATS credentials file (user JWT + NKey seed), for servers in operator mode.
     creds: str = ""
     tls: ClientTls | None = None
+    #: A server that stops answering (a partitioned node: no reset, just silence) is left after
+    #: ``ping_interval_s * max_outstanding_pings``; nats-py's own default is 2 x 120 s.
+    ping_interval_s: float = 5.0
+    max_outstanding_pings: int = 3
 
     @classmethod
     def from_settings(cls, s: CommonSettings) -> NatsOptions:
@@ -37,11 +41,21 @@ class NatsOptions:
             raise ValueError("LOOM_NATS_PASSWORD needs LOOM_NATS_USER")
         on = bool(s.nats_tls_ca or s.nats_tls_cert)
         tls = ClientTls(ca=s.nats_tls_ca, cert=s.nats_tls_cert, key=s.nats_tls_key) if on else None
-        return cls(user=s.nats_user, password=s.nats_password, creds=s.nats_creds, tls=tls)
+        return cls(
+            user=s.nats_user,
+            password=s.nats_password,
+            creds=s.nats_creds,
+            tls=tls,
+            ping_interval_s=s.nats_ping_interval_s,
+            max_outstanding_pings=s.nats_max_outstanding_pings,
+        )
 
     def connect_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``nats.connect``; the TLS files are read here."""
-        kwargs: dict[str, Any] = {}
+        kwargs: dict[str, Any] = {
+            "ping_interval": self.ping_interval_s,
+            "max_outstanding_pings": self.max_outstanding_pings,
+        }
         if self.user:
             kwargs.update(user=self.user, password=self.password)
         if self.creds:

@@ -11,7 +11,9 @@ replicas both complete the same request.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 
+import nats.errors
 from nats.js.errors import BadRequestError, KeyWrongLastSequenceError
 from nats.js.errors import NotFoundError as JsNotFound
 from nats.js.kv import KeyValue
@@ -23,6 +25,15 @@ from services.common.pb.loom.v1 import gateway_pb2
 from services.common.telemetry import inject
 
 Result = gateway_pb2.Result
+
+
+@contextlib.contextmanager
+def _unavailable(what: str) -> Iterator[None]:
+    """A bucket without a leader for a moment (a node lost or restarting) is Unavailable: callers retry."""
+    try:
+        yield
+    except (nats.errors.Error, TimeoutError) as exc:
+        raise Unavailable(f"the results store could not {what}: {exc or type(exc).__name__}") from exc
 
 
 class ResultStore:
@@ -41,10 +52,11 @@ class ResultStore:
         return self._kv
 
     async def find(self, request_id: str) -> Result | None:
-        try:
-            entry = await self.kv.get(request_id)
-        except JsNotFound:  # never written, deleted or expired
-            return None
+        with _unavailable("read a result"):
+            try:
+                entry = await self.kv.get(request_id)
+            except JsNotFound:  # never written, deleted or expired
+                return None
         if not entry.value:
             return None
         return Result.FromString(entry.value)
@@ -66,13 +78,20 @@ class ResultStore:
         )
         # Exists already (its answer came first, or a retry): nats-py reports that as a wrong last
         # sequence, also from its own second look at a key it takes for deleted.
-        with contextlib.suppress(KeyWrongLastSequenceError, BadRequestError):
+        with _unavailable("record a request"), contextlib.suppress(KeyWrongLastSequenceError, BadRequestError):
             await self.kv.create(request_id, pending.SerializeToString())
 
     async def answer(self, result: Result) -> bool:
         """Keep the answer and publish it on ``loom.res.<pipeline>``; False when the stream had it already."""
         result.finished_unix_ms = result.finished_unix_ms or envelope.now_ms()
         raw = result.SerializeToString()
-        await self.kv.put(result.request_id, raw)
+        with _unavailable("keep an answer"):
+            await self.kv.put(result.request_id, raw)
+        return await self.publish(result)
+
+    async def publish(self, result: Result) -> bool:
+        """Publish a kept answer on ``loom.res.<pipeline>`` (once: its request id is the Nats-Msg-Id)."""
         subject = durable.result_subject(result.pipeline)
-        return await durable.publish_once(self.bus.js, subject, raw, result.request_id, inject({}))
+        return await durable.publish_once(
+            self.bus.js, subject, result.SerializeToString(), result.request_id, inject({})
+        )

@@ -47,6 +47,15 @@ class CommonSettings(BaseSettings):
         "", description="PEM client certificate for NATS servers that verify clients (with LOOM_NATS_TLS_KEY)."
     )
     nats_tls_key: str = Field("", repr=False, description="PEM private key of LOOM_NATS_TLS_CERT.")
+    nats_ping_interval_s: float = Field(
+        5.0,
+        gt=0,
+        description="Seconds between client PINGs to the NATS server; after LOOM_NATS_MAX_OUTSTANDING_PINGS "
+        "unanswered the client reconnects to another node (a silently partitioned node is left within about 15 s).",
+    )
+    nats_max_outstanding_pings: int = Field(
+        3, ge=1, description="Unanswered PINGs before the NATS connection counts as dead and reconnects."
+    )
     bind_host: str = Field("127.0.0.1", description="Address the gRPC and HTTP servers listen on.")
     log_level: str = Field("INFO", description="Python log level.")
     traces_file: str = Field(

@@ -88,6 +88,9 @@ class DurableFusion:
             state.parts[part.part_id] = part
         known = await self.results.find(part.request_id) if state.complete else None
         if known is not None and known.state != gateway_pb2.Result.PENDING:
+            # Answered before: also a try whose KV write landed but whose loom.res publish failed (a
+            # stream leader lost); publish again, the stream drops it if the first one got there.
+            await self.results.publish(known)
             metrics.DURABLE.labels(self.service, STAGE, "duplicate").inc()  # a part delivered again
         elif state.complete:
             result = to_result(state, self.pipelines, part.tenant)

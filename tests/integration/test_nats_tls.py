@@ -114,4 +114,7 @@ def test_tls_settings_are_checked_before_connecting(tmp_path: Path) -> None:
     missing = NatsOptions.from_settings(CommonSettings(nats_tls_ca=str(tmp_path / "nope.pem")))
     with pytest.raises(ValueError, match="cannot read the NATS TLS files"):
         missing.connect_kwargs()
-    assert NatsOptions.from_settings(CommonSettings()).connect_kwargs() == {}
+    assert NatsOptions.from_settings(CommonSettings()).connect_kwargs() == {
+        "ping_interval": 5.0,
+        "max_outstanding_pings": 3,
+    }

@@ -10,17 +10,26 @@ from services.common.settings import CommonSettings
 
 pytestmark = pytest.mark.unit
 
+PINGS = {"ping_interval": 5.0, "max_outstanding_pings": 3}
+
 
 def test_options_come_from_the_loom_nats_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LOOM_NATS_USER", "fusion")
     monkeypatch.setenv("LOOM_NATS_PASSWORD", "psecret")
     opts = NatsOptions.from_settings(CommonSettings())
-    assert opts.connect_kwargs() == {"user": "fusion", "password": "psecret"}
+    assert opts.connect_kwargs() == {"user": "fusion", "password": "psecret"} | PINGS
     assert "psecret" not in repr(opts) and "psecret" not in repr(CommonSettings())
     creds = NatsOptions.from_settings(CommonSettings(nats_user="", nats_password="", nats_creds="/x.creds"))
-    assert creds.connect_kwargs() == {"user_credentials": "/x.creds"}
+    assert creds.connect_kwargs() == {"user_credentials": "/x.creds"} | PINGS
     with pytest.raises(ValueError, match="needs LOOM_NATS_USER"):
         NatsOptions.from_settings(CommonSettings(nats_user="", nats_password="p"))
+
+
+def test_a_silent_server_is_left_after_the_configured_pings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LOOM_NATS_PING_INTERVAL_S", "2.5")
+    monkeypatch.setenv("LOOM_NATS_MAX_OUTSTANDING_PINGS", "4")
+    kwargs = NatsOptions.from_settings(CommonSettings()).connect_kwargs()
+    assert (kwargs["ping_interval"], kwargs["max_outstanding_pings"]) == (2.5, 4)
 
 
 def test_each_service_has_an_inbox_prefix_of_its_own() -> None:
