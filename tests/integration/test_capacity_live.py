@@ -47,5 +47,5 @@ def test_desired_replicas_follow_real_traffic(mesh: Mesh) -> None:
     print(f"\ninference: loom_desired_replicas={desired:g} arrival_rate={rate:.3f}/s service_seconds={seconds:.4f}")
     # 60 requests in the last minute at most: a small mesh's load asks for the minimum, not for a crowd.
     assert desired <= 2
-    # The gateway holds each request for the whole chain, so its time per item is the longest.
-    assert got["gateway"][2] >= seconds
+    # The 60 requests all fall inside the 60 s window (earlier tests' traffic may add to it, never take away).
+    assert rate >= 60 / 60.0 * 0.95, got["inference"]
