@@ -29,7 +29,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections import Counter
+from collections import Counter, defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -154,8 +155,38 @@ async def provision(urls: str, replicas: int, timeout: float = 90.0) -> None:
         await nc.close()
 
 
-def _text(rng: random.Random) -> str:
-    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 14))).capitalize() + "."
+def submit_request(rng: random.Random, key: str) -> gateway_pb2.SubmitRequest:
+    """A durable ``embed`` request of a random sentence, with ``key`` as its idempotency key."""
+    req = gateway_pb2.PredictRequest(pipeline="embed", timeout_ms=1_800_000)
+    req.inputs["text"].text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 14))).capitalize() + "."
+    return gateway_pb2.SubmitRequest(request=req, idempotency_key=key)
+
+
+@dataclass(frozen=True)
+class Tally:
+    """Accepted requests against the answers in LOOM_RES."""
+
+    completed: int  # accepted ids answered DONE only
+    failed: int  # accepted ids answered otherwise
+    lost: list[str]  # accepted ids without any answer
+    duplicated: int  # answers beyond the first for one id
+
+
+def account(accepted: Iterable[str], counts: Counter[str]) -> Tally:
+    """``counts`` is :func:`count_results`'s "id|STATE" -> n."""
+    answered: Counter[str] = Counter()
+    states: dict[str, set[str]] = defaultdict(set)
+    for key, n in counts.items():
+        rid, state = key.split("|")
+        answered[rid] += n
+        states[rid].add(state)
+    ids = list(accepted)
+    return Tally(
+        completed=sum(1 for rid in ids if states.get(rid) == {"DONE"}),
+        failed=sum(1 for rid in ids if rid in states and states[rid] != {"DONE"}),
+        lost=[rid for rid in ids if rid not in answered],
+        duplicated=sum(c - 1 for c in answered.values() if c > 1),
+    )
 
 
 async def submit_all(
@@ -179,9 +210,7 @@ async def submit_all(
         while report.kills < kills_first and waited < 600.0:  # bounded: a kill comes every few seconds
             await asyncio.sleep(0.05)
             waited += 0.05
-        req = gateway_pb2.PredictRequest(pipeline="embed", timeout_ms=1_800_000)
-        req.inputs["text"].text = _text(rng)
-        sub = gateway_pb2.SubmitRequest(request=req, idempotency_key=f"{run}-{i}")
+        sub = submit_request(rng, f"{run}-{i}")
         async with limit:
             for attempt in range(40):
                 stub = stubs[(i + attempt) % len(stubs)]
@@ -227,6 +256,29 @@ async def stream_count(urls: str, stream: str) -> int:
         return int((await nc.jetstream().stream_info(stream)).state.messages)
     finally:
         await nc.close()
+
+
+def count_stream(urls: str, stream: str, timeout: float = 60.0) -> int:
+    """Messages in ``stream``; retried while a lost node's streams elect new leaders (bounded)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return asyncio.run(asyncio.wait_for(stream_count(urls, stream), 10))
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
+
+
+def wait_answers(urls: str, want: int, timeout: float) -> int:
+    """Wait (bounded) until LOOM_RES holds ``want`` answers; how many it holds."""
+    deadline, seen = time.monotonic() + timeout, 0
+    while time.monotonic() < deadline:
+        seen = count_stream(urls, durable.RES_STREAM)
+        if seen >= want:
+            break
+        time.sleep(1.0)
+    return seen
 
 
 class Chaos(threading.Thread):
@@ -301,31 +353,15 @@ def run(
         began = time.monotonic()
         accepted = asyncio.run(submit_all(gateways, api_key, n, f"chaos{int(began)}", concurrency, report, min_kills))
         report.accepted = len(accepted)
-        settle_until = time.monotonic() + settle_s
-        while time.monotonic() < settle_until:
-            if asyncio.run(stream_count(cluster.urls, durable.RES_STREAM)) >= report.accepted:
-                break
-            time.sleep(2.0)
+        wait_answers(cluster.urls, report.accepted, settle_s)
         chaos.halt.set()
         chaos.join(timeout=90)
         # The faults have stopped: what is still unanswered now gets a last while to finish.
-        calm_until = time.monotonic() + 120.0
-        while time.monotonic() < calm_until:
-            if asyncio.run(stream_count(cluster.urls, durable.RES_STREAM)) >= report.accepted:
-                break
-            time.sleep(2.0)
+        wait_answers(cluster.urls, report.accepted, 120.0)
         report.seconds = time.monotonic() - began
-        counts = asyncio.run(count_results(cluster.urls))
-        answered: Counter[str] = Counter()
-        for key, count in counts.items():
-            rid, state = key.split("|")
-            answered[rid] += count
-            if rid in accepted and state == "DONE":
-                report.completed += 1
-            elif rid in accepted:
-                report.failed += 1
-        report.duplicated = sum(c - 1 for c in answered.values() if c > 1)
-        report.lost = sum(1 for rid in accepted if rid not in answered)
+        tally = account(accepted, asyncio.run(count_results(cluster.urls)))
+        report.completed, report.failed, report.duplicated = tally.completed, tally.failed, tally.duplicated
+        report.lost = len(tally.lost)
         report.dead = asyncio.run(stream_count(cluster.urls, durable.DLQ_STREAM))
         ok = report.lost == 0 and report.duplicated == 0
         (workdir / "chaos.log").write_text("\n".join(chaos.log) + "\n")

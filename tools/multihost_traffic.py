@@ -9,8 +9,7 @@ import asyncio
 import concurrent.futures
 import random
 import threading
-import time
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -20,9 +19,10 @@ import nats
 
 from services.common import durable
 from services.common.pb.loom.v1 import gateway_pb2, gateway_pb2_grpc
-from tools.chaos import WORDS, stream_count
+from services.monitor.capacity import STAGE_SERVICES
+from tools.chaos import account, submit_request
 
-STAGES = ("gateway", "preprocess", "inference", "postprocess", "fusion")
+STAGES = STAGE_SERVICES
 T = TypeVar("T")
 
 
@@ -92,12 +92,6 @@ async def kv_states(urls: str, ids: list[str]) -> dict[str, str]:
     return out
 
 
-def _request(rng: random.Random, key: str) -> gateway_pb2.SubmitRequest:
-    req = gateway_pb2.PredictRequest(pipeline="embed", timeout_ms=1_800_000)
-    req.inputs["text"].text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 14))).capitalize() + "."
-    return gateway_pb2.SubmitRequest(request=req, idempotency_key=key)
-
-
 class Traffic:
     """Durable Submits through the gateways in ``self.hosts`` (changed as hosts go and come), on its own loop."""
 
@@ -152,7 +146,7 @@ class Traffic:
         while not self.halt.is_set():
             i = self.count
             self.count += 1
-            await self.submit(_request(self.rng, f"{self.run}-bg-{i}"), i)
+            await self.submit(submit_request(self.rng, f"{self.run}-bg-{i}"), i)
             await asyncio.sleep(0.4)  # a few requests a second per worker: two cores run all of this
 
     def start(self) -> None:
@@ -174,7 +168,7 @@ class Traffic:
         return self.call(self._through(host, tag))
 
     async def _through(self, host: str, tag: str) -> str:
-        rid = await self.submit(_request(random.Random(tag), f"{self.run}-{tag}"), 0, [host])
+        rid = await self.submit(submit_request(random.Random(tag), f"{self.run}-{tag}"), 0, [host])
         if rid is None:
             return "REFUSED"
         state = "PENDING"
@@ -190,43 +184,8 @@ class Traffic:
 
 
 def tally(report: Report, accepted: dict[str, str], counts: Counter[str]) -> list[str]:
-    """Fill in the report from the answers (``count_results``: "id|STATE" -> n); returns the lost ids.
-
-    completed: accepted ids answered DONE only; failed: answered otherwise; lost: accepted ids
-    without any answer; duplicated: answers beyond the first for one id (tools/chaos.py's accounting).
-    """
-    answered: Counter[str] = Counter()
-    states: dict[str, set[str]] = defaultdict(set)
-    for key, n in counts.items():
-        rid, state = key.split("|")
-        answered[rid] += n
-        states[rid].add(state)
-    report.accepted = len(accepted)
-    report.completed = len([rid for rid in accepted if states.get(rid) == {"DONE"}])
-    report.failed = len([rid for rid in accepted if rid in states and states[rid] != {"DONE"}])
-    lost = [rid for rid in accepted if rid not in answered]
-    report.lost = len(lost)
-    report.duplicated = sum(c - 1 for c in answered.values() if c > 1)
-    return lost
-
-
-def count_stream(urls: str, stream: str, timeout: float = 60.0) -> int:
-    """Messages in ``stream``; retried while a lost node's streams elect new leaders (bounded)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return asyncio.run(asyncio.wait_for(stream_count(urls, stream), 10))
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(1.0)
-
-
-def wait_answers(urls: str, want: int, timeout: float) -> int:
-    deadline, seen = time.monotonic() + timeout, 0
-    while time.monotonic() < deadline:
-        seen = count_stream(urls, durable.RES_STREAM)
-        if seen >= want:
-            break
-        time.sleep(1.0)
-    return seen
+    """Fill in the report from the answers (``count_results``: "id|STATE" -> n); returns the lost ids."""
+    t = account(accepted, counts)
+    report.accepted, report.completed, report.failed = len(accepted), t.completed, t.failed
+    report.lost, report.duplicated = len(t.lost), t.duplicated
+    return t.lost
