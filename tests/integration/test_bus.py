@@ -93,9 +93,12 @@ async def test_request_reply_and_error_headers(nats_server: NatsHandle) -> None:
 async def test_drain_waits_for_inflight_handlers(nats_server: NatsHandle) -> None:
     worker, producer = await connected("worker", nats_server.url), await connected("producer", nats_server.url)
     done: list[bytes] = []
+    # The handlers hold on until drain has begun: a fixed sleep let early ones finish before late
+    # deliveries arrived on a busy machine, and five were never in hand at once.
+    release = asyncio.Event()
 
     async def slow(msg: Msg) -> None:
-        await asyncio.sleep(0.3)
+        await release.wait()
         done.append(msg.data)
 
     await worker.subscribe("loom.test.slow", slow)
@@ -109,6 +112,7 @@ async def test_drain_waits_for_inflight_handlers(nats_server: NatsHandle) -> Non
             break
         await asyncio.sleep(0.02)
     assert worker.inflight == 5 and not done
+    asyncio.get_running_loop().call_later(0.3, release.set)
     await worker.drain(grace=5)
     assert len(done) == 5
     await worker.close()
