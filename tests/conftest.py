@@ -57,3 +57,14 @@ def nats_server() -> Iterator[NatsHandle]:
     finally:
         handle.stop()
     assert not violations, "nats-server refused these:\n" + "\n".join(violations[:30])
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The fuzz counts (tests/fuzzlog.py, .artifacts/fuzz/*.json): one line per recorded fuzz test."""
+    from tests.fuzzlog import summary_lines
+
+    lines = summary_lines()
+    if lines:
+        terminalreporter.section("fuzz counts (.artifacts/fuzz)")
+        for line in lines:
+            terminalreporter.write_line(line)

@@ -1,19 +1,26 @@
 """Chaos run of the durable lane (``make chaos N=...``): nothing accepted is lost or answered twice.
 
 A 3-node NATS cluster (JetStream, every Loom stream and bucket R3) on
-loopback ports, one Triton, and two replicas of every stage service. A
-client submits N durable ``embed`` requests through both gateways, each with
-its own idempotency key, retrying a failed Submit on the other gateway. While
-the requests flow, one service replica is SIGKILLed (and started again)
-every few seconds, and one NATS node is restarted once. At the end every
-result on ``loom.res.embed`` is counted:
+loopback ports, each node running deploy/nats/loom.conf's users and
+permissions (every service logs in as itself, fresh passwords), one Triton,
+and two replicas of every stage service. A client submits N durable requests
+through both gateways, each with its own idempotency key, retrying a failed
+Submit on the other gateway: most are one-part ``embed`` requests, a share
+(``--content``) multi-part ``content`` requests (text + image, every other one
+with audio too), whose parts meet in fusion's durable join. While the
+requests flow, one service replica is SIGKILLed (and started again) every few
+seconds, and one NATS node is restarted once. At the end every result on
+``loom.res.>`` is counted:
 
     accepted   Submit returned OK (the request is stored R3)
-    completed  accepted requests with a DONE answer on loom.res.embed
+    content    accepted multi-part content requests among them
+    completed  accepted requests with a DONE answer
     failed     accepted requests answered with an error
     dead       messages in the dead-letter stream
     lost       accepted requests with no answer at all
     duplicated answers beyond the first for one request
+    violations nats-server log lines refusing a publish or subscription (a permission
+               loom.conf lacks on some path; the run fails on any)
 
 Only loopback addresses are used; every process started here is stopped here.
 """
@@ -25,6 +32,7 @@ import asyncio
 import json
 import random
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -41,7 +49,7 @@ from nats.js.api import DeliverPolicy
 from services.common import durable
 from services.common.auth import generate_api_key
 from services.common.launch.mesh import Mesh, free_ports
-from services.common.launch.nats_server import NatsServer
+from services.common.launch.nats_server import LOOM_CONF, NatsServer
 from services.common.launch.procs import ManagedProcess, free_port
 from services.common.pb.loom.v1 import gateway_pb2, gateway_pb2_grpc
 from services.common.provision import plan
@@ -69,6 +77,7 @@ WORDS = [
 @dataclass
 class Report:
     accepted: int = 0
+    content: int = 0
     completed: int = 0
     failed: int = 0
     dead: int = 0
@@ -77,12 +86,14 @@ class Report:
     refused: int = 0
     kills: int = 0
     nats_restarts: int = 0
+    violations: int = 0
     seconds: float = 0.0
     errors: Counter[str] = field(default_factory=Counter)
 
     def lines(self) -> list[str]:
         return [
             f"accepted {self.accepted}",
+            f"content {self.content}",
             f"completed {self.completed}",
             f"failed {self.failed}",
             f"dead {self.dead}",
@@ -91,33 +102,54 @@ class Report:
             f"refused {self.refused}",
             f"kills {self.kills}",
             f"nats_restarts {self.nats_restarts}",
+            f"violations {self.violations}",
             f"seconds {self.seconds:.1f}",
         ]
 
 
 class Cluster:
-    """Three nats-server nodes routed to each other, JetStream on each."""
+    """Three nats-server nodes routed to each other, JetStream on each.
 
-    def __init__(self, workdir: Path, size: int = 3) -> None:
+    With ``passwords`` (user -> password) every node takes deploy/nats/loom.conf's users and
+    permissions, as the session mesh's single server does: a permission missing on a fail-over
+    path (a consumer re-created, a KV read after a leader change) shows as a violation in a log.
+    """
+
+    def __init__(self, workdir: Path, size: int = 3, passwords: dict[str, str] | None = None) -> None:
         self.nodes: list[NatsServer] = []
+        self.passwords = dict(passwords or {})
         cluster_ports = [free_port() for _ in range(size)]
         routes = ", ".join(f"nats://127.0.0.1:{p}" for p in cluster_ports)
+        if self.passwords:  # nats-server resolves an include beside the including file
+            shutil.copyfile(LOOM_CONF, workdir / "loom.conf")
         for i, cport in enumerate(cluster_ports):
             conf = workdir / f"n{i}.conf"
             conf.write_text(
                 f"server_name: n{i}\ncluster {{\n  name: loom\n  listen: 127.0.0.1:{cport}\n  routes: [{routes}]\n}}\n"
+                + ("include ./loom.conf\n" if self.passwords else "")
             )
             self.nodes.append(
                 NatsServer(
                     store_dir=workdir / f"n{i}-store",
                     log_path=workdir / "logs" / f"nats-n{i}.log",
                     config=conf,
+                    passwords=self.passwords or None,
                 )
             )
 
     @property
     def urls(self) -> str:
+        """The nodes' addresses, no credentials: services log in with LOOM_NATS_USER and LOOM_NATS_PASSWORD."""
         return ",".join(n.url for n in self.nodes)
+
+    @property
+    def admin_urls(self) -> str:
+        """The nodes' addresses logging in as admin (provisioning, counting answers)."""
+        return ",".join(n.url_for("admin") for n in self.nodes)
+
+    def permission_violations(self) -> list[str]:
+        """Every node's log lines about refused publishes and subscriptions."""
+        return [f"{n.log_path.name}: {line}" for n in self.nodes for line in n.permission_violations()]
 
     def start(self) -> None:
         for node in self.nodes:
@@ -163,6 +195,31 @@ def submit_request(rng: random.Random, key: str) -> gateway_pb2.SubmitRequest:
 
 
 @dataclass(frozen=True)
+class Media:
+    """The files of multi-part ``content`` requests: a few images of text, a short tone."""
+
+    images: list[bytes]
+    audio: bytes
+
+    @classmethod
+    def make(cls) -> Media:
+        from tests.media import text_image, tone_wav  # Pillow and a font: only where content requests go
+
+        phrases = ["river market", "engine garden", "signal winter", "station paper"]
+        return cls([text_image(p) for p in phrases], tone_wav(seconds=1.0))
+
+
+def content_request(rng: random.Random, key: str, media: Media, audio: bool) -> gateway_pb2.SubmitRequest:
+    """A durable multi-part ``content`` request: text and an image (and audio): fusion joins the parts."""
+    req = gateway_pb2.PredictRequest(pipeline="content", timeout_ms=1_800_000)
+    req.inputs["text"].text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 10))).capitalize() + "."
+    req.inputs["image"].data = rng.choice(media.images)
+    if audio:
+        req.inputs["audio"].data = media.audio
+    return gateway_pb2.SubmitRequest(request=req, idempotency_key=key)
+
+
+@dataclass(frozen=True)
 class Tally:
     """Accepted requests against the answers in LOOM_RES."""
 
@@ -190,12 +247,20 @@ def account(accepted: Iterable[str], counts: Counter[str]) -> Tally:
 
 
 async def submit_all(
-    targets: list[str], key: str, n: int, run: str, concurrency: int, report: Report, min_kills: int = 0
+    targets: list[str],
+    key: str,
+    n: int,
+    run: str,
+    concurrency: int,
+    report: Report,
+    min_kills: int = 0,
+    content: float = 0.0,
 ) -> dict[str, str]:
     """Submit ``n`` requests, each retried (same idempotency key) until a gateway accepts it.
 
     With ``min_kills``, the traffic is cut into ``min_kills + 1`` slices and each slice waits for
     one more SIGKILL, so that however fast this machine is, that many kills land among the requests.
+    A ``content`` share of them (spread evenly) are multi-part content requests.
     """
     metadata = (("authorization", f"Bearer {key}"),)
     channels = [grpc.aio.insecure_channel(t) for t in targets]
@@ -203,6 +268,8 @@ async def submit_all(
     accepted: dict[str, str] = {}
     limit = asyncio.Semaphore(concurrency)
     rng = random.Random(7)
+    media = Media.make() if content > 0 else None
+    multi = {i for i in range(n) if int((i + 1) * content) > int(i * content)}
 
     async def one(i: int) -> None:
         kills_first = i * (min_kills + 1) // n
@@ -210,7 +277,12 @@ async def submit_all(
         while report.kills < kills_first and waited < 600.0:  # bounded: a kill comes every few seconds
             await asyncio.sleep(0.05)
             waited += 0.05
-        sub = submit_request(rng, f"{run}-{i}")
+        many = media is not None and i in multi
+        if many:
+            assert media is not None
+            sub = content_request(rng, f"{run}-{i}", media, audio=i % 2 == 0)
+        else:
+            sub = submit_request(rng, f"{run}-{i}")
         async with limit:
             for attempt in range(40):
                 stub = stubs[(i + attempt) % len(stubs)]
@@ -221,6 +293,7 @@ async def submit_all(
                     await asyncio.sleep(min(2.0, 0.1 * 2**attempt) * random.random())
                     continue
                 accepted[reply.request_id] = sub.idempotency_key
+                report.content += many
                 return
             report.refused += 1
 
@@ -317,13 +390,16 @@ def run(
     settle_s: float = 600.0,
     keep: bool = False,
     min_kills: int = 0,
+    content: float = 0.2,
 ) -> Report:
     workdir = Path(tempfile.mkdtemp(prefix="loom-chaos-"))
     (workdir / "logs").mkdir()
     report = Report()
-    cluster = Cluster(workdir)
     api_key = generate_api_key()
     mesh = Mesh(workdir=workdir, ports=free_ports(), api_key=api_key)
+    # Every node runs loom.conf with the mesh's passwords: each service logs in as itself.
+    cluster = Cluster(workdir, passwords=mesh.nats_passwords)
+    admin = cluster.admin_urls
     env = {
         "LOOM_JS_REPLICAS": "3",
         "LOOM_DURABLE_ACK_WAIT_S": "6",  # a killed replica's messages come back after 6 s
@@ -334,7 +410,7 @@ def run(
     ok = False
     try:
         cluster.start()
-        asyncio.run(provision(cluster.urls, replicas=3))
+        asyncio.run(provision(admin, replicas=3))
         mesh.env.update(env)
         replicas: list[ManagedProcess] = []
         gateways: list[str] = []
@@ -351,20 +427,25 @@ def run(
         chaos = Chaos(replicas, cluster, every_s, report)
         chaos.start()
         began = time.monotonic()
-        accepted = asyncio.run(submit_all(gateways, api_key, n, f"chaos{int(began)}", concurrency, report, min_kills))
+        run_id = f"chaos{int(began)}"
+        accepted = asyncio.run(submit_all(gateways, api_key, n, run_id, concurrency, report, min_kills, content))
         report.accepted = len(accepted)
-        wait_answers(cluster.urls, report.accepted, settle_s)
+        wait_answers(admin, report.accepted, settle_s)
         chaos.halt.set()
         chaos.join(timeout=90)
         # The faults have stopped: what is still unanswered now gets a last while to finish.
-        wait_answers(cluster.urls, report.accepted, 120.0)
+        wait_answers(admin, report.accepted, 120.0)
         report.seconds = time.monotonic() - began
-        tally = account(accepted, asyncio.run(count_results(cluster.urls)))
+        tally = account(accepted, asyncio.run(count_results(admin)))
         report.completed, report.failed, report.duplicated = tally.completed, tally.failed, tally.duplicated
         report.lost = len(tally.lost)
-        report.dead = asyncio.run(stream_count(cluster.urls, durable.DLQ_STREAM))
-        ok = report.lost == 0 and report.duplicated == 0
-        (workdir / "chaos.log").write_text("\n".join(chaos.log) + "\n")
+        report.dead = asyncio.run(stream_count(admin, durable.DLQ_STREAM))
+        violations = cluster.permission_violations()
+        report.violations = len(violations)
+        ok = report.lost == 0 and report.duplicated == 0 and not violations
+        (workdir / "chaos.log").write_text("\n".join(chaos.log + violations) + "\n")
+        for line in violations[:20]:
+            print(f"permission violation: {line}", file=sys.stderr)
         return report
     finally:
         if chaos is not None:
@@ -378,27 +459,43 @@ def run(
         _ = started
 
 
-def markdown(report: Report, n: int, every_s: float) -> str:
+def commit() -> str:
+    """The checkout's commit (``git rev-parse --short HEAD``), ``+dirty`` with uncommitted changes."""
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30, check=False)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def markdown(report: Report, n: int, every_s: float, content: float = 0.2) -> str:
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     rows = "\n".join(f"| {line.split()[0]} | {line.split()[1]} |" for line in report.lines())
     retried = ", ".join(f"{k} {v}" for k, v in sorted(report.errors.items())) or "none"
     return f"""## Chaos: the durable lane under SIGKILLs (`make chaos N={n}`)
 
-Date: {when}. Produced by `python -m tools.chaos -n {n} --record BENCHMARKS.md`; one run on this machine.
+Date: {when}. Commit: `{commit()}`. Produced by `python -m tools.chaos -n {n} --record BENCHMARKS.md`; one run
+on this machine.
 
-Set-up: a 3-node NATS cluster on loopback ports (JetStream; every Loom stream and bucket R3), one Triton,
-two replicas of each of gateway, preprocess, inference, postprocess and fusion. A client submits {n} durable
-`embed` requests through both gateways (32 Submits in flight, each with its own idempotency key; a failed
-Submit is retried on the other gateway with the same key). Every {every_s:g} s one random service replica is
-SIGKILLed and started again; once, a NATS node is stopped for 3 s and restarted. At the end every answer in
-the `LOOM_RES` stream is counted.
+Set-up: a 3-node NATS cluster on loopback ports (JetStream; every Loom stream and bucket R3; each node runs
+`deploy/nats/loom.conf`, so every service logs in as itself with only its own permissions), one Triton, two
+replicas of each of gateway, preprocess, inference, postprocess and fusion. A client submits {n} durable
+requests through both gateways (32 Submits in flight, each with its own idempotency key; a failed Submit is
+retried on the other gateway with the same key): {content:.0%} of them multi-part `content` requests (text +
+image, every other one with audio too, joined by fusion), the rest one-part `embed` requests. Every
+{every_s:g} s one random service replica is SIGKILLed and started again; once, a NATS node is stopped for 3 s
+and restarted. At the end every answer in the `LOOM_RES` stream is counted.
 
 | | |
 |---|---|
 {rows}
 
 Submit errors the client retried (gateways being killed): {retried}. `lost` = accepted requests without an
-answer; `duplicated` = answers beyond the first for one request; `dead` = messages in `LOOM_DLQ`.
+answer; `duplicated` = answers beyond the first for one request; `dead` = messages in `LOOM_DLQ`;
+`violations` = publishes or subscriptions a NATS node refused (the run fails on any).
 """
 
 
@@ -407,20 +504,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-n", type=int, default=10_000, help="durable requests to submit")
     parser.add_argument("--every", type=float, default=5.0, help="seconds between SIGKILLs")
     parser.add_argument("--concurrency", type=int, default=32, help="Submits in flight")
+    parser.add_argument("--content", type=float, default=0.2, help="share of multi-part content requests")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs, stores)")
     parser.add_argument("--record", type=Path, help="write the report as a section of this file (BENCHMARKS.md)")
     args = parser.parse_args(argv)
-    report = run(args.n, every_s=args.every, concurrency=args.concurrency, keep=args.keep)
+    report = run(args.n, every_s=args.every, concurrency=args.concurrency, keep=args.keep, content=args.content)
     if args.record:
-        put(args.record, "chaos", markdown(report, args.n, args.every))
+        put(args.record, "chaos", markdown(report, args.n, args.every, args.content))
     if args.json:
         print(json.dumps({k: v for k, v in vars(report).items() if k != "errors"} | {"errors": dict(report.errors)}))
     else:
         print("\n".join(report.lines()))
         if report.errors:
             print("submit errors retried: " + ", ".join(f"{k} {v}" for k, v in sorted(report.errors.items())))
-    return 0 if report.lost == 0 and report.duplicated == 0 else 1
+    return 0 if report.lost == 0 and report.duplicated == 0 and report.violations == 0 else 1
 
 
 if __name__ == "__main__":

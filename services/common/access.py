@@ -221,7 +221,7 @@ def http_middleware(gate: Gate, table: AccessTable) -> Middleware:
         except AuthError as err:
             gate.failures(err, what, request.remote or "")
             return _refusal(request, err, table)
-        token = auth.bind(principal)
+        token = auth.bind(principal, request.remote or "")
         try:
             return await handler(request)
         finally:
@@ -276,7 +276,7 @@ def _bound(handler: Any, principal: Principal) -> Any:
         if inner is not None:
 
             async def call(request: Any, context: grpc.aio.ServicerContext, inner: Any = inner) -> Any:
-                token = auth.bind(principal)
+                token = auth.bind(principal, source_of(context.peer() or ""))
                 try:
                     return await inner(request, context)
                 finally:
@@ -287,7 +287,7 @@ def _bound(handler: Any, principal: Principal) -> Any:
     inner = getattr(handler, kind)
 
     async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        auth.bind(principal)  # each call runs in a task of its own: nothing else sees it
+        auth.bind(principal, source_of(context.peer() or ""))  # each call runs in a task of its own
         result = inner(request, context)
         if hasattr(result, "__aiter__"):
             async for item in result:

@@ -1,12 +1,23 @@
-"""The audit log: who changed which model, when, and what the rollout controller decided.
+"""The audit log: who changed which model, when, from where, and what the rollout controller decided.
 
 Entries go to the JetStream stream ``LOOM_AUDIT`` (file storage), created with
-``deny_delete`` and ``deny_purge``: once written, an entry cannot be removed
-through the NATS API, only aged out by the size limit (oldest first). A service
-refuses to start against an existing stream that allows either, because its
-entries could then vanish without trace. Because they cannot be removed, PII
-never goes in: the actor, target, result, details and source of every entry
-are masked (:func:`services.common.pii.mask_value`) before it is written.
+``deny_delete``, ``deny_purge`` and ``discard: new``: once written, an entry
+cannot be removed through the NATS API, and nothing ages out. A full stream
+refuses new entries instead of dropping old ones. A service refuses to start
+against an existing stream that allows deletes or purges, because its entries
+could then vanish without trace (one made before ``discard: new`` only gets a
+warning: ``nats stream edit LOOM_AUDIT --discard new`` switches it).
+
+Refused calls (``auth.*``, written by every service, rate-bounded per source)
+share the stream with admin actions and rollout decisions, so they must never
+take the room the others need: once the stream is more than ``1 - RESERVE``
+full, refusals are no longer written, only counted
+(``loom_audit_skipped_total{reason="full"}``), and the last tenth stays for
+admin entries. ``loom_audit_stream_fill_ratio`` says how full it is.
+
+Because entries cannot be removed, PII never goes in: the actor, target,
+result, details and source of every entry are masked
+(:func:`services.common.pii.mask_value`) before it is written.
 """
 
 from __future__ import annotations
@@ -15,13 +26,16 @@ import asyncio
 import json
 import logging
 import re
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError, NotFoundError
+from prometheus_client import Counter, Gauge
 
+from services.common import auth, subjects
 from services.common.bus import Bus
 from services.common.errors import FailedPrecondition, InvalidArgument
 from services.common.pii import mask, mask_value
@@ -29,13 +43,27 @@ from services.common.pii import mask, mask_value
 log = logging.getLogger(__name__)
 
 STREAM = "LOOM_AUDIT"
-SUBJECTS = "loom.audit.>"
-SUBJECT_PREFIX = "loom.audit."
-MAX_BYTES = 1 << 30  # 1 GiB; beyond it the oldest entries go
+SUBJECTS = subjects.AUDIT_ALL
+MAX_BYTES = 1 << 30  # 1 GiB; a full stream refuses new entries (discard new), it never drops old ones
+#: What an entry's action may begin with, one subject each (subjects.audit; deploy/asyncapi.yaml lists them).
+KINDS = ("auth", "model", "traffic", "rollout", "dlq", "pipeline", "monitor")
+#: Refused calls, written by every service for anyone who knocks: the kind that must not fill the stream.
+AUTH = "auth"
+#: The share of max_bytes kept for admin actions and rollout decisions: refusals stop at 90 % full.
+RESERVE = 0.10
+FILL_TTL_S = 5.0  # how long one reading of the stream's fill is trusted
 LIST_MAX = 1000  # most entries one list() returns
 SCAN_MAX = 10_000  # most entries one filtered list() reads before it stops looking
 _WINDOW = 200  # entries read per round trip batch
 _ACTION = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
+
+FILL = Gauge("loom_audit_stream_fill_ratio", "How full LOOM_AUDIT is (bytes / max_bytes), as last read here.")
+SKIPPED = Counter(
+    "loom_audit_skipped_total",
+    "Audit entries not written: reason=full (a refused call while the stream is in its reserve for admin "
+    "entries) or error (the write failed: NATS down, the stream missing or completely full).",
+    ["reason"],
+)
 
 
 def _now() -> str:
@@ -58,17 +86,17 @@ def matches(target: str, prefix: str) -> bool:
     return target == prefix or target.startswith(prefix if prefix.endswith("/") else prefix + "/")
 
 
-def stream_config(replicas: int = 1) -> StreamConfig:
+def stream_config(replicas: int = 1, max_bytes: int = MAX_BYTES) -> StreamConfig:
     """The stream as provisioning makes it (and a service, where NATS runs without authentication)."""
     return StreamConfig(
         name=STREAM,
-        description="Loom audit log: admin actions and rollout decisions (append-only)",
+        description="Loom audit log: admin actions, rollout decisions and refused calls (append-only)",
         subjects=[SUBJECTS],
         storage=StorageType.FILE,
         deny_delete=True,
         deny_purge=True,
-        max_bytes=MAX_BYTES,
-        discard=DiscardPolicy.OLD,
+        max_bytes=max_bytes,
+        discard=DiscardPolicy.NEW,
         num_replicas=replicas,
     )
 
@@ -76,9 +104,12 @@ def stream_config(replicas: int = 1) -> StreamConfig:
 class AuditLog:
     """Appends entries to, and reads the newest back from, the ``LOOM_AUDIT`` stream."""
 
-    def __init__(self, bus: Bus, *, service: str) -> None:
+    def __init__(self, bus: Bus, *, service: str, clock: Callable[[], float] = time.monotonic) -> None:
         self.bus = bus
         self.service = service
+        self.clock = clock
+        self._fill: float | None = None
+        self._fill_at = float("-inf")
 
     @property
     def js(self) -> JetStreamContext:
@@ -106,6 +137,36 @@ class AuditLog:
             )
         if SUBJECTS not in (cfg.subjects or []):
             raise FailedPrecondition(f"audit stream {STREAM} does not take {SUBJECTS} (it has {cfg.subjects})")
+        if cfg.discard != DiscardPolicy.NEW:  # made before discard new: it still works, but drops old entries
+            log.warning(
+                "audit stream %s drops its oldest entries when full (discard %s); keep them with "
+                "`nats stream edit %s --discard new`",
+                STREAM,
+                cfg.discard,
+                STREAM,
+            )
+
+    async def fill(self) -> float | None:
+        """How full the stream is (0..1), read at most every FILL_TTL_S; None when it cannot be read."""
+        now = self.clock()
+        if now - self._fill_at < FILL_TTL_S:
+            return self._fill
+        self._fill_at = now
+        try:
+            info = await self.js.stream_info(STREAM)
+        except Exception as exc:  # not there yet, NATS away: refusals are written (and fail) as before
+            log.debug("audit stream %s fill unknown: %s", STREAM, exc)
+            self._fill = None
+            return None
+        limit = info.config.max_bytes or 0
+        self._fill = info.state.bytes / limit if limit > 0 else 0.0
+        FILL.set(self._fill)
+        return self._fill
+
+    async def has_room(self, action: str) -> bool:
+        """Whether an entry of ``action`` may go in: refusals only while the stream is below its reserve."""
+        fill = await self.fill()
+        return action.split(".", 1)[0] != AUTH or fill is None or fill < 1.0 - RESERVE
 
     async def append(
         self,
@@ -119,10 +180,16 @@ class AuditLog:
     ) -> int:
         """Append one entry on ``loom.audit.<first token of action>``; returns its stream sequence.
 
+        A refused call (``auth.*``) while the stream is in its reserve is not written: 0, counted.
         Everything but the action and the time is masked for PII first (keys of ``details`` too).
         """
         if not _ACTION.match(action):
             raise InvalidArgument(f"audit action {action!r} must be dotted words like rollout.start")
+        if action.split(".", 1)[0] not in KINDS:
+            raise InvalidArgument(f"audit action {action!r} must begin with one of {', '.join(KINDS)}")
+        if not await self.has_room(action):
+            SKIPPED.labels("full").inc()
+            return 0
         entry = {
             "time": _now(),
             "actor": mask(actor),
@@ -134,8 +201,33 @@ class AuditLog:
             "service": self.service,
         }
         payload = json.dumps(entry, default=_masked_str, separators=(",", ":")).encode()
-        ack = await self.js.publish(SUBJECT_PREFIX + action.split(".", 1)[0], payload, stream=STREAM)
+        try:
+            ack = await self.js.publish(subjects.audit(action), payload, stream=STREAM)
+        except Exception:
+            SKIPPED.labels("error").inc()
+            raise
         return int(ack.seq)
+
+    async def record(
+        self,
+        action: str,
+        *,
+        actor: str,
+        target: str = "",
+        result: str = "ok",
+        details: Mapping[str, object] | None = None,
+    ) -> None:
+        """Append the entry of an admin action, with the caller's tenant and address (bound by the access layer).
+
+        A broken audit stream is logged, never raised: it must not hide the action's own outcome.
+        """
+        principal = auth.current()
+        if principal is not None:  # the caller's tenant goes with every entry it causes
+            details = {**(details or {}), "tenant": principal.tenant}
+        try:
+            await self.append(action, actor=actor, target=target, result=result, details=details, source=auth.source())
+        except Exception:
+            log.exception("audit entry %s %s by %s (%s) could not be written", action, target, actor, result)
 
     async def _read(self, lo: int, hi: int) -> list[dict[str, object]]:
         """Entries with sequence ``lo``..``hi`` (both included), oldest first; gaps skipped."""
@@ -143,7 +235,7 @@ class AuditLog:
         async def one(seq: int) -> dict[str, object] | None:
             try:
                 msg = await self.js.get_msg(STREAM, seq=seq)
-            except NotFoundError:  # aged out (discard old) between the stream info and this read
+            except NotFoundError:  # gone (a stream made before discard new ages entries out)
                 return None
             try:
                 entry = json.loads(msg.data or b"")

@@ -113,12 +113,27 @@ def current() -> Principal | None:
     return _CURRENT.get()
 
 
-def bind(principal: Principal | None) -> contextvars.Token[Principal | None]:
-    return _CURRENT.set(principal)
+#: Where the call being handled comes from: the peer's address (HTTP ``request.remote``, gRPC ``context.peer()``).
+_SOURCE: contextvars.ContextVar[str] = contextvars.ContextVar("loom_source", default="")
 
 
-def unbind(token: contextvars.Token[Principal | None]) -> None:
-    _CURRENT.reset(token)
+def source() -> str:
+    """The peer address of the call being handled in this task ("" outside a call); audit entries carry it."""
+    return _SOURCE.get()
+
+
+Bound = tuple[contextvars.Token[Principal | None], contextvars.Token[str]]
+
+
+def bind(principal: Principal | None, peer: str = "") -> Bound:
+    """Bind the caller and where it calls from to this task; :func:`unbind` with what this returns."""
+    return _CURRENT.set(principal), _SOURCE.set(peer)
+
+
+def unbind(token: Bound) -> None:
+    principal, peer = token
+    _SOURCE.reset(peer)
+    _CURRENT.reset(principal)
 
 
 # --- API keys ------------------------------------------------------------------------------------

@@ -24,7 +24,8 @@ from typing import ClassVar
 import grpc
 from aiohttp import web
 from aiohttp.typedefs import Middleware
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from google.protobuf.message import DecodeError
+from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import aio as health_aio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -142,6 +143,35 @@ def _base_app(rt: Runtime, service: Service, authenticate: Middleware) -> web.Ap
     return app
 
 
+def add_health(server: grpc.aio.Server, health: health_aio.HealthServicer) -> None:
+    """``grpc.health.v1.Health`` on ``server``, decoding requests itself.
+
+    The generated registration lets a request that does not parse (a ``service``
+    that is not UTF-8) end as UNKNOWN; here it is INVALID_ARGUMENT with a message.
+    """
+    request_type = health_pb2.HealthCheckRequest
+
+    async def decode(raw: bytes, context: grpc.aio.ServicerContext) -> health_pb2.HealthCheckRequest:
+        try:
+            return request_type.FromString(raw)
+        except DecodeError:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed grpc.health.v1.HealthCheckRequest")
+            raise AssertionError("unreachable: abort raises") from None
+
+    async def check(raw: bytes, context: grpc.aio.ServicerContext) -> health_pb2.HealthCheckResponse:
+        return await health.Check(await decode(raw, context), context)
+
+    async def watch(raw: bytes, context: grpc.aio.ServicerContext) -> None:
+        await health.Watch(await decode(raw, context), context)
+
+    encode = health_pb2.HealthCheckResponse.SerializeToString
+    handlers = {
+        "Check": grpc.unary_unary_rpc_method_handler(check, response_serializer=encode),
+        "Watch": grpc.unary_stream_rpc_method_handler(watch, response_serializer=encode),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("grpc.health.v1.Health", handlers),))
+
+
 async def _set_health(health: health_aio.HealthServicer, names: tuple[str, ...], serving: bool) -> None:
     status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
     for name in ("", *names):
@@ -174,7 +204,7 @@ async def serve(service: Service) -> None:
     interceptors = [AuthInterceptor(gate, table), *service.grpc_interceptors()]
     server = grpc.aio.server(options=service.grpc_options(), interceptors=interceptors)
     health = health_aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    add_health(server, health)
     service.add_grpc(server)
     names = (*service.grpc_service_names, name)
     await _set_health(health, names, serving=False)

@@ -95,18 +95,25 @@ class StageRunner:
             await self._publish(target, part)
         await self.telemetry.emit(self.subject, part=part, duration_ms=elapsed_ms, code=code, stats=stats)
 
-    def _finish(self, part: pb.Part, stats: Stats, code: str, elapsed_ms: float) -> tuple[str | None, Stats]:
-        """Leave the stage's statistics and timing on the part; return where it goes next and what to report."""
+    def _finish(
+        self, part: pb.Part, stats: Stats, code: str, elapsed_ms: float, *, worked: bool = True
+    ) -> tuple[str | None, Stats]:
+        """Leave the stage's statistics and timing on the part; return where it goes next and what to report.
+
+        ``worked``: the stage ran its handler (a part dropped at its deadline was never worked on, so it
+        adds no sample to ``loom_stage_duration_seconds``).
+        """
         if self.carry_stats and stats:
             part.features.clear()
             part.features.update(stats)
         elif self.report_features and code == Code.OK and part.features:
             stats = {**part.features, **stats}
             part.ClearField("features")
-        envelope.add_timing(part, self.service, elapsed_ms)
-        metrics.STAGE_DURATION.labels(
-            self.service, self.subject, part.pipeline, part.model, part.model_version
-        ).observe(elapsed_ms / 1000.0)
+        if worked:
+            envelope.add_timing(part, self.service, elapsed_ms)
+            metrics.STAGE_DURATION.labels(
+                self.service, self.subject, part.pipeline, part.model, part.model_version
+            ).observe(elapsed_ms / 1000.0)
         target = envelope.next_subject(part)
         if target is None:
             log.error("part %s/%s has an empty routing slip", part.request_id, part.part_id)
@@ -125,7 +132,8 @@ class StageRunner:
         except DecodeError:
             return await durable.dead_letter(js, self.service, stage, msg, "undecodable loom.v1.Part")
         envelope.pop_step(part, self.subject)
-        if envelope.expired(part):
+        dropped = envelope.expired(part)
+        if dropped:
             # Never processed: the part goes on to fusion as DEADLINE_EXCEEDED, so the request still gets its answer.
             metrics.DEADLINE_DROPS.labels(self.service, self.subject).inc()
             err = DeadlineExceeded(f"{self.service}: the deadline passed before the work started")
@@ -142,9 +150,12 @@ class StageRunner:
                 return None
             reason = f"{code} on each of {tries} tries: {part.error.message}"
             return await durable.dead_letter(js, self.service, stage, msg, reason)
-        target, stats = self._finish(part, stats, code, elapsed_ms)
-        if target is not None:
-            await self._publish(target, part, js=js)
+        target, stats = self._finish(part, stats, code, elapsed_ms, worked=not dropped)
+        if target is None:  # nowhere to go: parked with the reason, never acked and lost
+            reason = f"part {part.request_id}/{part.part_id} has an empty routing slip after {self.subject}"
+            return await durable.dead_letter(js, self.service, stage, msg, reason)
+        # Ack only once the next hop is stored: a failed publish raises, the message stays unacked and comes back.
+        await self._publish(target, part, js=js)
         await msg.ack()
         metrics.DURABLE.labels(self.service, stage, "forwarded").inc()
         await self.telemetry.emit(self.subject, part=part, duration_ms=elapsed_ms, code=code, stats=stats)

@@ -54,6 +54,14 @@ def alert(severity: str) -> str:
     return f"{PREFIX}.alert.{severity.lower()}"
 
 
+def audit(action: str) -> str:
+    """Where an audit entry of ``action`` goes: its first word, e.g. ``model.register`` -> ``loom.audit.model``."""
+    return f"{PREFIX}.audit.{action.split('.', 1)[0]}"
+
+
+AUDIT_ALL = f"{PREFIX}.audit.>"
+
+
 def last_token(subject: str) -> str:
     """``loom.infer.minilm`` -> ``minilm``."""
     return subject.rsplit(".", 1)[-1]

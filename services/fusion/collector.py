@@ -55,6 +55,10 @@ class Collector:
         state.parts.setdefault(part.part_id, part)
         return state, state.complete
 
+    def answered(self, request_id: str) -> bool:
+        """Whether the request was answered lately (its later parts are ignored)."""
+        return request_id in self._done
+
     def finish(self, request_id: str, now_ms: int) -> Pending | None:
         """Take the request out (once); later parts of it are ignored."""
         state = self.pending.pop(request_id, None)

@@ -64,6 +64,8 @@ class DurableFusion:
         self.service = service
         self.results = ResultStore(bus, lane)
         self._parts: KeyValue | None = None
+        #: Durable parts being handled now (part of ``loom_inflight{service="fusion"}``).
+        self.active = 0
 
     async def start(self) -> None:
         await self.results.start()
@@ -72,6 +74,14 @@ class DurableFusion:
         await durable.PullWorker(self.bus, durable.WORK_STREAM, subject, self.on_part, self.lane, durable=STAGE).start()
 
     async def on_part(self, msg: Msg) -> None:
+        """One durable part: store it or fuse its request, then ack; a failed store or publish raises, unacked."""
+        self.active += 1
+        try:
+            return await self._on_part(msg)
+        finally:
+            self.active -= 1
+
+    async def _on_part(self, msg: Msg) -> None:
         started = time.perf_counter()
         js = self.bus.js
         if await durable.give_up_if_redelivered(js, self.service, STAGE, msg, self.lane):
@@ -100,10 +110,13 @@ class DurableFusion:
             if len(ids) > 1:
                 await self._forget(part.request_id, ids)
         await msg.ack()
+        elapsed = time.perf_counter() - started
+        label = self.pipelines.metric_label(part.pipeline) if self.pipelines is not None else part.pipeline
+        metrics.STAGE_DURATION.labels(self.service, "loom.fuse", label, "", "").observe(elapsed)
         await self.telemetry.emit(
             msg.subject,
             part=part,
-            duration_ms=(time.perf_counter() - started) * 1000.0,
+            duration_ms=elapsed * 1000.0,
             code=part.error.code if part.HasField("error") else "OK",
         )
         return None

@@ -171,13 +171,7 @@ class AdminCore:
         self, action: str, actor: str, target: str, result: str, details: Mapping[str, object] | None = None
     ) -> None:
         """Append one audit entry; a broken audit stream is logged, never hides the action's own outcome."""
-        principal = auth.current()
-        if principal is not None:  # the caller's tenant goes with every entry it causes
-            details = {**(details or {}), "tenant": principal.tenant}
-        try:
-            await self.audit.append(action, actor=actor, target=target, result=result, details=details)
-        except Exception:
-            log.exception("audit entry %s %s by %s (%s) could not be written", action, target, actor, result)
+        await self.audit.record(action, actor=actor, target=target, result=result, details=details)
 
     async def refused(self, action: str, actor: str, target: str, err: LoomError) -> None:
         """An attempt an adapter refused before reaching the core (a malformed body)."""

@@ -110,6 +110,7 @@ class GatewayCore:
         if call.transport_remaining_s is not None:
             timeout_ms = min(timeout_ms, int(call.transport_remaining_s * 1000))
         if timeout_ms <= 0:
+            metrics.DEADLINE_DROPS.labels("gateway", "gateway").inc()  # refused unworked: nobody waits for it
             raise DeadlineExceeded("the caller's deadline has already passed")
         if call.request_id:
             envelope.check_request_id(call.request_id)
@@ -146,15 +147,24 @@ class GatewayCore:
             raise
         finally:
             elapsed_ms = (time.perf_counter() - started) * 1000.0
+            self._observe(call, response, elapsed_ms)
             await self._report(call, response, elapsed_ms, code)
+
+    def _observe(self, call: PredictCall, response: gateway_pb2.PredictResponse | None, elapsed_ms: float) -> None:
+        """``loom_stage_duration_seconds{stage="gateway"}``: the whole call, with the models that answered it."""
+        model, version = answer_models(response) if response is not None else ("", "")
+        label = self.pipelines.metric_label(call.pipeline)
+        metrics.STAGE_DURATION.labels("gateway", "gateway", label, model, version).observe(elapsed_ms / 1000.0)
 
     async def _report(
         self, call: PredictCall, response: gateway_pb2.PredictResponse | None, elapsed_ms: float, code: str
     ) -> None:
         """One telemetry event per answer: the monitor's SLOs, and its join with feedback."""
         if response is None:
+            # A name that is no pipeline is ``_unknown``: callers' junk never becomes a pipeline in the monitor.
+            pipeline = self.pipelines.metric_label(call.pipeline)
             await self.telemetry.emit(
-                "gateway", pipeline=call.pipeline, request_id=call.request_id, duration_ms=elapsed_ms, code=code
+                "gateway", pipeline=pipeline, request_id=call.request_id, duration_ms=elapsed_ms, code=code
             )
             return
         model, version = answer_models(response)

@@ -5,6 +5,12 @@ continuing the caller's ``traceparent`` and naming the authenticated caller
 and its tenant (``enduser.id``, ``loom.tenant``), every failure turned into the
 transport's typed error (never a stack trace), the outcome counted; and for
 HTTP, bodies read only up to the limit.
+
+Until the gateway is ready (its pipeline specs loaded, its inbox and lane
+subscribed) and again while it stops, :class:`NotReadyInterceptor` and
+:func:`not_ready_middleware` answer every call but the health checks and
+``/metrics`` with UNAVAILABLE "gateway not ready" (HTTP 503, ``Retry-After: 1``):
+a retryable refusal, never the NOT_FOUND an empty pipeline registry would give.
 """
 
 from __future__ import annotations
@@ -16,13 +22,24 @@ from typing import Any
 
 import grpc
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from google.protobuf.message import DecodeError
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
 from services.common import auth
-from services.common.errors import InvalidArgument, LoomError, ResourceExhausted, as_loom_error, grpc_status
+from services.common.errors import (
+    InvalidArgument,
+    LoomError,
+    ResourceExhausted,
+    Unavailable,
+    as_loom_error,
+    grpc_status,
+    http_body,
+    http_status,
+)
 from services.common.telemetry import extract
+from services.gateway.admission import Lane, grpc_lane, http_lane
 
 _tracer = trace.get_tracer("loom.gateway")
 log = logging.getLogger(__name__)
@@ -128,3 +145,55 @@ async def read_body(request: web.Request, max_body_bytes: int, max_input_bytes: 
         return await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise body_too_large(max_body_bytes, max_input_bytes) from None
+
+
+# --- not ready yet -----------------------------------------------------------------------------------
+
+NOT_READY = "gateway not ready"
+#: Static documents, served while not ready too (they need no pipeline specs; their auth still applies).
+DOCUMENTS = frozenset({"/openapi.yaml", "/asyncapi.yaml"})
+#: Whether the gateway is ready now (the runtime's ready event).
+Ready = Callable[[], bool]
+
+
+def not_ready() -> Unavailable:
+    return Unavailable(f"{NOT_READY}: starting or stopping; retry shortly")
+
+
+class NotReadyInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """UNAVAILABLE for every method but the health checks until ``ready()``; outermost of the gateway's own."""
+
+    def __init__(self, ready: Ready) -> None:
+        self.ready = ready
+
+    async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
+        if handler is None or self.ready() or grpc_lane(details.method) is Lane.FREE:
+            return handler
+
+        async def refuse(_: Any, context: grpc.aio.ServicerContext) -> bytes:
+            err = not_ready()
+            await context.abort(grpc_status(err), err.message, trailing_metadata=(("retry-after", "1"),))
+            raise AssertionError("unreachable: abort raises")
+
+        # Reads nothing of the request: a refusal costs no body.
+        return grpc.stream_unary_rpc_method_handler(refuse, request_deserializer=None, response_serializer=None)
+
+
+def not_ready_middleware(ready: Ready) -> Middleware:
+    """HTTP 503 (JSON) for every route but the health checks, ``/metrics`` and the documents until ``ready()``."""
+
+    @web.middleware
+    async def guard(request: web.Request, handler: HttpHandler) -> web.StreamResponse:
+        info = request.match_info
+        resource = info.route.resource
+        if ready() or info.http_exception is not None or resource is None:
+            return await handler(request)
+        if http_lane(request.method, resource.canonical) is Lane.FREE or request.path in DOCUMENTS:
+            return await handler(request)
+        err = not_ready()
+        kserve = request.path == "/v2" or request.path.startswith("/v2/")
+        body: Any = {"error": err.message} if kserve else http_body(err)  # KServe's error shape under /v2
+        return web.json_response(body, status=http_status(err), headers={"Retry-After": "1"})
+
+    return guard

@@ -12,10 +12,20 @@ from pathlib import Path
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import BadHttpMessage
 
-from services.common.errors import InvalidArgument, LoomError, ResourceExhausted, as_loom_error, http_body, http_status
+from services.common.audit import AuditLog
+from services.common.errors import (
+    Code,
+    InvalidArgument,
+    LoomError,
+    ResourceExhausted,
+    as_loom_error,
+    http_body,
+    http_status,
+)
 from services.common.pipeline_store import PipelineStore
 from services.common.pipelines import to_yaml
 from services.gateway import convert
+from services.gateway.admin import REFUSALS, caller
 from services.gateway.core import ROUTE_KEY, GatewayCore, PredictCall
 from services.gateway.durable import DurableFront
 from services.gateway.edges import body_too_large, http_traced, read_body
@@ -42,6 +52,8 @@ class GatewayHttp:
         self.store = store
         self.max_body_bytes = settings.max_body_bytes
         self.max_input_bytes = settings.max_input_bytes
+        #: PUT /v1/pipelines is an admin action: audited like those of the admin API.
+        self.audit = AuditLog(core.bus, service="gateway")
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_post(
@@ -151,7 +163,12 @@ class GatewayHttp:
         try:
             spec, revision = await self.store.apply(await self._read(request), name=name)
         except Exception as exc:
-            return error_response(exc)
+            err = as_loom_error(exc)
+            result = "refused" if err.code in REFUSALS or err.code == Code.RESOURCE_EXHAUSTED else "failed"
+            details = {"error": err.message}
+            await self.audit.record("pipeline.put", actor=caller(), target=name, result=result, details=details)
+            return error_response(err)
+        await self.audit.record("pipeline.put", actor=caller(), target=name, details={"revision": revision})
         return web.json_response({"pipeline": spec.name, "revision": revision, "spec": spec.model_dump(mode="json")})
 
     async def feedback(self, request: web.Request) -> web.Response:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import logging
+from collections.abc import Callable
 from typing import ClassVar
 
 import grpc
@@ -24,6 +25,7 @@ from services.gateway.admission import Admission, AdmissionInterceptor
 from services.gateway.admission import http_middleware as admission_middleware
 from services.gateway.core import GatewayCore
 from services.gateway.durable import DurableFront
+from services.gateway.edges import NotReadyInterceptor, not_ready_middleware
 from services.gateway.grpc_api import SERVICE, GatewayGrpc
 from services.gateway.http_api import GatewayHttp
 from services.gateway.kserve_dataplane import KServeDataPlane
@@ -49,6 +51,8 @@ class Gateway(Service):
         self._lane: DurableFront | None = None
         # One for both ports: HTTP and gRPC calls share the in-flight limit and the tenants' rates.
         self.admission = Admission.from_settings(settings)
+        #: Whether the runtime says ready (set in bind); until then every data-plane call is UNAVAILABLE.
+        self._ready: Callable[[], bool] = lambda: False
 
     @property
     def core(self) -> GatewayCore:
@@ -59,6 +63,7 @@ class Gateway(Service):
         self._core = GatewayCore(rt.bus, self.gw, rt.pipelines, rt.claims)
         self._lane = DurableFront(rt.bus, self._core, rt.claims, rt.lane) if rt.lane is not None else None
         self._store = rt.store
+        self._ready = rt.ready.is_set
         # KServe's ServerReady is the gateway's own readiness, as /readyz reports it.
         self._kserve = KServeDataPlane(self._core, lambda: rt.ready.is_set() and rt.bus.connected)
         registry = RegistryStore(rt.bus, self.gw.models_bucket, service=self.name)
@@ -104,12 +109,14 @@ class Gateway(Service):
 
     def grpc_interceptors(self) -> list[grpc.aio.ServerInterceptor]:
         # Inside the runtime's authentication, whose wrapper binds the tenant around ours.
-        return [AdmissionInterceptor(self.admission)]
+        # Not ready first: a call refused for that takes no admission slot and none of the tenant's rate.
+        return [NotReadyInterceptor(lambda: self._ready()), AdmissionInterceptor(self.admission)]
 
     def add_http(self, app: web.Application) -> None:
         assert self._store is not None, "bind() first"
         assert self._kserve is not None and self._admin is not None, "bind() first"
         # After the runtime's authentication (the app's first middleware), before any handler reads a body.
+        app.middlewares.append(not_ready_middleware(lambda: self._ready()))
         app.middlewares.append(admission_middleware(self.admission))
         GatewayHttp(self.core, self._store, self.gw, self._lane).add_routes(app)
         AdminHttp(self._admin).add_routes(app)

@@ -23,6 +23,7 @@ from typing import Generic, TypeVar
 import numpy as np
 from prometheus_client import Histogram
 
+from services.common import metrics, subjects
 from services.common.errors import DeadlineExceeded, Internal, Unavailable
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,8 @@ class MicroBatcher(Generic[ItemT, ResultT]):
         key: Callable[[ItemT], Hashable] = lambda _: None,
         name: str = "",
         dispatch_when_idle: bool = False,
+        service: str = "inference",
+        stage: str = "",
     ) -> None:
         self.run_batch = run_batch
         self.max_batch_size = max_batch_size
@@ -112,6 +115,9 @@ class MicroBatcher(Generic[ItemT, ResultT]):
         self.dispatch_when_idle = dispatch_when_idle
         self.key = key
         self.name = name
+        #: Items whose caller gave up (its deadline passed) before their batch went count in
+        #: ``loom_deadline_drops_total{service, stage}``; the stage is the model's subject by default.
+        self.drops = metrics.DEADLINE_DROPS.labels(service, stage or (subjects.infer(name) if name else "batcher"))
         self._pending: dict[Hashable, _Pending[ItemT, ResultT]] = {}
         self._running: set[asyncio.Task[None]] = set()
         self._closed = False
@@ -152,6 +158,8 @@ class MicroBatcher(Generic[ItemT, ResultT]):
         if pending.timer is not None:
             pending.timer.cancel()
         live = [(item, fut) for item, fut in pending.items if not fut.done()]
+        if len(live) < len(pending.items):  # never sent: their callers' deadlines passed while they waited
+            self.drops.inc(len(pending.items) - len(live))
         if not live:
             return
         BATCH_SIZE.labels(self.name).observe(len(live))

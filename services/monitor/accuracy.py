@@ -8,7 +8,7 @@ macro recall; whatever falls out of the window is added to a cumulative referenc
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 JOINED = "joined"
@@ -60,11 +60,43 @@ class Judged(NamedTuple):
     correct: bool
 
 
+#: Distinct labels one series bucket counts for its precision and recall; past it they are left out.
+MAX_BUCKET_LABELS = 64
+
+
 @dataclass
 class _Bucket:
+    """One time bucket of the series: accuracy counts, and per-label counts for macro precision and recall."""
+
     t: int
     correct: int = 0
     total: int = 0
+    tp: dict[str, int] = field(default_factory=dict)
+    predicted: dict[str, int] = field(default_factory=dict)
+    actual: dict[str, int] = field(default_factory=dict)
+    #: Labelled items whose labels were over MAX_BUCKET_LABELS: the bucket then reports no precision/recall.
+    overflow: bool = False
+
+    def add(self, item: Judged) -> None:
+        self.total += 1
+        self.correct += item.correct
+        if item.truth is None or self.overflow:
+            return
+        labels = {item.truth, item.predicted} - {""}
+        if len(set(self.actual) | set(self.predicted) | labels) > MAX_BUCKET_LABELS:
+            self.overflow = True
+            return
+        _count_labelled(item.predicted, item.truth, self.tp, self.predicted, self.actual)
+
+    def point(self) -> dict[str, object]:
+        precision, recall = (None, None) if self.overflow else _macro(self.tp, self.predicted, self.actual)
+        return {
+            "t": self.t,
+            "accuracy": round(self.correct / self.total, 6),
+            "precision": _round(precision),
+            "recall": _round(recall),
+            "samples": self.total,
+        }
 
 
 @dataclass
@@ -84,15 +116,15 @@ class AccuracyBook:
         window: int = 200,
         min_samples: int = 20,
         min_reference: int = 20,
-        bucket_s: int = 60,
-        max_buckets: int = 240,
+        bucket_s: float = 10,
+        max_buckets: int = 360,
         max_keys: int = 200,
     ) -> None:
         self.answers = answers
         self.window = window
         self.min_samples = min_samples
         self.min_reference = min_reference
-        self.bucket_ms = bucket_s * 1000
+        self.bucket_ms = max(1, int(bucket_s * 1000))
         self.max_buckets = max_buckets
         self.max_keys = max_keys
         self.dropped = 0  # joined feedback not kept because its key would exceed max_keys
@@ -130,17 +162,16 @@ class AccuracyBook:
             state.reference_total += 1
             state.reference_correct += oldest.correct
         state.recent.append(item)
-        self._count(state.series, now_ms, item.correct)
+        self._count(state.series, now_ms, item)
         return JOINED
 
-    def _count(self, series: deque[_Bucket], now_ms: int, correct: bool) -> None:
+    def _count(self, series: deque[_Bucket], now_ms: int, item: Judged) -> None:
         t = now_ms - now_ms % self.bucket_ms
         if not series or t > series[-1].t:
             series.append(_Bucket(t))
         for bucket in reversed(series):
             if bucket.t == t:
-                bucket.total += 1
-                bucket.correct += correct
+                bucket.add(item)
                 return
         # Older than every kept bucket (a clock step back): not charted, still in the window.
 
@@ -169,7 +200,7 @@ class AccuracyBook:
             "recall": _round(recall),
             "reference_accuracy": _round(reference),
             "drop_points": _round(drop),
-            "series": [{"t": b.t, "accuracy": round(b.correct / b.total, 6), "samples": b.total} for b in state.series],
+            "series": [b.point() for b in state.series],
         }
 
 
@@ -179,18 +210,28 @@ def macro_precision_recall(judged: list[Judged]) -> tuple[float | None, float | 
     A label that was never predicted has no precision and is left out of the precision average (likewise
     recall for a label never true) rather than counted as 0. "" (an answer without a label) is not a label.
     """
-    labelled = [(j.predicted, j.truth) for j in judged if j.truth is not None]
-    if not labelled:
-        return None, None
     tp: dict[str, int] = {}
     predicted: dict[str, int] = {}
     actual: dict[str, int] = {}
-    for pred, truth in labelled:
-        if pred:
-            predicted[pred] = predicted.get(pred, 0) + 1
-        actual[truth] = actual.get(truth, 0) + 1
-        if pred == truth:
-            tp[pred] = tp.get(pred, 0) + 1
+    for j in judged:
+        if j.truth is not None:
+            _count_labelled(j.predicted, j.truth, tp, predicted, actual)
+    return _macro(tp, predicted, actual)
+
+
+def _count_labelled(
+    pred: str, truth: str, tp: dict[str, int], predicted: dict[str, int], actual: dict[str, int]
+) -> None:
+    if pred:
+        predicted[pred] = predicted.get(pred, 0) + 1
+    actual[truth] = actual.get(truth, 0) + 1
+    if pred == truth:
+        tp[pred] = tp.get(pred, 0) + 1
+
+
+def _macro(tp: dict[str, int], predicted: dict[str, int], actual: dict[str, int]) -> tuple[float | None, float | None]:
+    if not actual:
+        return None, None
     precision = sum(tp.get(lab, 0) / n for lab, n in predicted.items()) / len(predicted) if predicted else None
     recall = sum(tp.get(lab, 0) / n for lab, n in actual.items()) / len(actual)
     return precision, recall

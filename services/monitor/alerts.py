@@ -74,6 +74,8 @@ class AlertBook:
     active: dict[str, Alert] = field(default_factory=dict)
     pending: dict[str, int] = field(default_factory=dict)
     resolved: deque[Alert] = field(default_factory=deque)
+    #: Resolved alerts pushed out of the history by newer ones (loom_monitor_evicted_total{buffer="alerts"}).
+    evicted: int = 0
 
     def evaluate(self, conditions: list[Condition], now_ms: int) -> list[Alert]:
         """Apply one evaluation; returns the alerts that fired or resolved just now."""
@@ -84,6 +86,12 @@ class AlertBook:
                 continue
             seen.add(c.id)
             alert = self.active.get(c.id)
+            if alert is not None and alert.severity != c.severity:
+                # A change of severity (an accuracy drop past 10 points) is a new alert, as in Alertmanager,
+                # whose identity includes the severity label: the old one resolves, the new one fires now.
+                self._resolve(c.id, now_ms, changed)
+                alert = None
+                self.pending[c.id] = now_ms - int(c.for_s * 1000)  # it has held already
             if alert is not None:  # still firing: keep its start, refresh what it says
                 alert.value, alert.summary = c.value, c.summary
                 continue
@@ -96,13 +104,17 @@ class AlertBook:
         for key in [k for k in self.pending if k not in seen]:
             del self.pending[key]
         for key in [k for k in self.active if k not in seen]:
-            alert = self.active.pop(key)
-            alert.state, alert.resolved_unix_ms = "resolved", now_ms
-            self.resolved.append(alert)
-            while len(self.resolved) > self.history:
-                self.resolved.popleft()
-            changed.append(alert)
+            self._resolve(key, now_ms, changed)
         return changed
+
+    def _resolve(self, key: str, now_ms: int, changed: list[Alert]) -> None:
+        alert = self.active.pop(key)
+        alert.state, alert.resolved_unix_ms = "resolved", now_ms
+        self.resolved.append(alert)
+        while len(self.resolved) > self.history:
+            self.resolved.popleft()
+            self.evicted += 1
+        changed.append(alert)
 
     def firing(self) -> list[Alert]:
         order = {s: i for i, s in enumerate(SEVERITIES)}

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from services.common import auth
 from services.common.access import ADMIN, OPEN, PREDICT, READ, Access, AccessTable
 from services.common.envelope import now_ms
 from services.common.registry.schema import ModelRecord
@@ -51,6 +52,24 @@ HTTP: dict[tuple[str, str], Access] = {
 }
 #: What the monitor's routes and methods need (the runtime adds health and /metrics).
 ACCESS = AccessTable(HTTP, {OTLP_GRPC_EXPORT: PREDICT})
+
+
+def _actor() -> str:
+    principal = auth.current()
+    return principal.name if principal is not None else "anonymous"
+
+
+async def audited(
+    m: Monitor, action: str, target: str, response: web.Response, details: dict[str, Any]
+) -> web.Response:
+    """``response`` after the audit entry of the admin action that produced it (ok, or refused on a 4xx)."""
+    log = m.audit  # None before the monitor started: without a bus no entry can go
+    if log is not None:
+        result = "ok" if response.status < 400 else "refused"
+        if response.status >= 400 and response.text:
+            details = {**details, "error": response.text[:500]}
+        await log.record(action, actor=_actor(), target=target, result=result, details=details)
+    return response
 
 
 def _error(status: int, code: str, message: str) -> web.Response:
@@ -161,11 +180,18 @@ def add_routes(app: web.Application, m: Monitor) -> None:
         try:
             body = await request.json()
         except ValueError:
-            return _error(400, "INVALID_ARGUMENT", "the body must be JSON")
+            body = None
         action = body.get("action") if isinstance(body, dict) else None
+        pipeline = body.get("pipeline") if isinstance(body, dict) else None
+        pipeline = pipeline if isinstance(pipeline, str) and pipeline else None
+        what = f"monitor.baseline.{action}" if action in ("capture", "load") else "monitor.baseline"
+        return await audited(m, what, f"drift/{pipeline or '*'}", baseline(body, action, pipeline), {})
+
+    def baseline(body: Any, action: Any, pipeline: str | None) -> web.Response:
+        if body is None:
+            return _error(400, "INVALID_ARGUMENT", "the body must be JSON")
         if action == "capture":
-            pipeline = body.get("pipeline")
-            m.drift.capture(pipeline if isinstance(pipeline, str) and pipeline else None)
+            m.drift.capture(pipeline)
             return web.json_response({"capturing": True, "pipeline": pipeline}, status=202)
         if action == "load":
             try:
@@ -197,7 +223,7 @@ def add_routes(app: web.Application, m: Monitor) -> None:
 
     async def evaluate(_: web.Request) -> web.Response:
         await m.evaluate()
-        return web.json_response({"evaluated_unix_ms": now_ms()})
+        return await audited(m, "monitor.evaluate", "monitor", web.json_response({"evaluated_unix_ms": now_ms()}), {})
 
     app.router.add_get("/", index)
     app.router.add_static("/static/", STATIC)

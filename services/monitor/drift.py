@@ -140,7 +140,12 @@ def _floats(raw: object, name: str) -> np.ndarray:
 
 
 class FeatureKey(NamedTuple):
-    """One drift series. ``kind`` is "input" or "output"; it is part of the key."""
+    """One drift series. ``kind`` is "input" or "output"; it is part of the key.
+
+    A feature name is either an input or an output of one (pipeline, model, version), never both: the
+    exported gauge ``loom_drift_psi{pipeline,model,version,feature}`` and the alert id have no kind, so
+    the two series would overwrite each other. :meth:`DriftBook.record` refuses the second kind.
+    """
 
     pipeline: str
     model: str
@@ -177,6 +182,8 @@ class DriftBook:
         self.history = history
         self.bins = bins
         self.dropped = 0  # values refused because their key would exceed max_keys
+        #: Values refused because their feature name is already the other kind's in that model version.
+        self.clashes = 0
         self.invalid = 0  # non-finite values ignored
         self._features: dict[FeatureKey, _Feature] = {}
         # (pipeline, model, feature, kind) -> the key holding the newest own baseline, for version fallback.
@@ -202,6 +209,9 @@ class DriftBook:
         key = FeatureKey(pipeline, model, version, feature, kind)
         feat = self._features.get(key)
         if feat is None:
+            if _other_kind(key) in self._features:
+                self.clashes += 1
+                return False
             if len(self._features) >= self.max_keys:
                 self.dropped += 1
                 return False
@@ -283,6 +293,11 @@ class DriftBook:
         kept, other keys are untouched. Returns how many were installed (keys over max_keys are dropped).
         """
         loaded = _parse_file(doc)
+        clash = next((k for k in loaded if _other_kind(k) in self._features), None)
+        if clash is not None:
+            raise ValueError(
+                f"{'/'.join(clash[:4])} is an {_other_kind(clash).kind} feature here, cannot load it as {clash.kind}"
+            )
         installed = 0
         for key, base in loaded.items():
             feat = self._features.get(key)
@@ -342,8 +357,14 @@ def _parse_file(doc: Mapping[str, object]) -> dict[FeatureKey, Baseline]:
             raise ValueError(f"features[{i}]: kind must be one of {KINDS}, got {key.kind!r}")
         if key in out:
             raise ValueError(f"features[{i}]: duplicate entry for {'/'.join(key)}")
+        if _other_kind(key) in out:
+            raise ValueError(f"features[{i}]: {'/'.join(key[:4])} is both an input and an output feature")
         try:
             out[key] = Baseline.from_dict(entry)
         except ValueError as exc:
             raise ValueError(f"features[{i}] ({'/'.join(key)}): {exc}") from None
     return out
+
+
+def _other_kind(key: FeatureKey) -> FeatureKey:
+    return key._replace(kind="output" if key.kind == "input" else "input")

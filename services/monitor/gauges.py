@@ -64,9 +64,12 @@ class _Dropped(Collector):
     """Counters read live from the buffers' own tallies.
 
     ``loom_monitor_dropped_total``: data lost because a bound was hit (a full
-    telemetry queue, spans over a trace's limit, keys over a table's limit).
-    ``loom_monitor_evicted_total``: the oldest traces and answers making room
-    for new ones, as a bounded store of recent things does by design.
+    telemetry or feedback queue, webhook POSTs over their limit, spans over a
+    trace's limit, keys over a table's limit, drift values whose feature name
+    is taken by the other kind).
+    ``loom_monitor_evicted_total``: the oldest traces, answers and resolved
+    alerts making room for new ones, as a bounded store of recent things does
+    by design.
     """
 
     def __init__(self) -> None:
@@ -95,8 +98,11 @@ def _set(gauge: Gauge, rows: Sequence[tuple[tuple[Any, ...], Any]]) -> None:
 def dropped_totals(m: Monitor) -> dict[str, float]:
     return {
         "telemetry": m.telemetry_dropped(),
+        "feedback": m.feedback_dropped(),
+        "webhook": m.webhook_dropped(),
         "spans": float(m.traces.dropped_spans),
-        "drift_keys": float(m.drift.dropped),
+        # Over the key limit, or a feature name the other kind (input/output) already has in that version.
+        "drift_keys": float(m.drift.dropped + m.drift.clashes),
         "accuracy_keys": float(m.accuracy.dropped),
         "stages": float(m.book.dropped + m.traffic.dropped + m.slo.dropped),
         "version_keys": float(m.versions.dropped),
@@ -104,7 +110,11 @@ def dropped_totals(m: Monitor) -> dict[str, float]:
 
 
 def evicted_totals(m: Monitor) -> dict[str, float]:
-    return {"traces": float(m.traces.evicted_traces), "answers": float(m.answers.dropped)}
+    return {
+        "traces": float(m.traces.evicted_traces),
+        "answers": float(m.answers.dropped),
+        "alerts": float(m.alerts.evicted),
+    }
 
 
 def update(m: Monitor, now_ms: int) -> None:

@@ -80,7 +80,11 @@ def webhook_body(alerts: list[Alert], url: str, generator_url: str) -> object:
 
 
 class Notifier:
-    """Sends alert transitions; a failing sink is logged and never stops the monitor."""
+    """Sends alert transitions; a failing sink is logged and never stops the monitor.
+
+    Webhook POSTs run in the background (a slow receiver never holds up an evaluation), at most
+    ``max_pending`` at once; each takes ``timeout_s`` at most.
+    """
 
     def __init__(
         self,
@@ -89,6 +93,7 @@ class Notifier:
         webhook_url: str = "",
         generator_url: str = "",
         timeout_s: float = 5.0,
+        max_pending: int = 16,
     ) -> None:
         self.bus = bus
         self.session = session
@@ -96,6 +101,10 @@ class Notifier:
         self.generator_url = generator_url
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._tasks: set[asyncio.Task[None]] = set()
+        #: POSTs in flight at most; past it a batch of transitions is not POSTed, and counted here
+        #: (loom_monitor_dropped_total{buffer="webhook"}). NATS still carries every transition.
+        self.max_pending = max_pending
+        self.dropped = 0
 
     async def send(self, changed: list[Alert], firing: list[Alert]) -> None:
         ACTIVE.clear()
@@ -109,6 +118,10 @@ class Notifier:
             except Exception as exc:
                 log.warning("could not publish alert %s: %s", alert.id, exc)
         if changed and self.webhook_url:
+            if len(self._tasks) >= self.max_pending:
+                self.dropped += 1
+                log.warning("alert webhook %s: %d POSTs in flight, dropped one", self.webhook_url, len(self._tasks))
+                return
             # The body now: alerts are live objects, and a firing one may resolve before the POST runs.
             body = webhook_body(changed, self.webhook_url, self.generator_url)
             task = asyncio.create_task(self._post(body))

@@ -17,7 +17,6 @@ import grpc
 from aiohttp import web
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
@@ -58,27 +57,41 @@ def ingest(
     return reply
 
 
-class TraceReceiver(trace_service_pb2_grpc.TraceServiceServicer):
-    """OTLP/gRPC ``TraceService`` for a ``grpc.aio`` server."""
+#: The full gRPC method name of OTLP's trace export.
+EXPORT_METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
+_SERVICE, _METHOD = EXPORT_METHOD.rsplit("/", 1)
+
+
+class TraceReceiver:
+    """OTLP/gRPC ``TraceService`` for a ``grpc.aio`` server.
+
+    ``Export`` is registered with a raw-bytes deserializer and parses the request itself: a malformed
+    body is the caller's mistake (INVALID_ARGUMENT, saying why), where grpc's own deserializer would
+    answer UNKNOWN ("Unexpected DecodeError").
+    """
 
     def __init__(self, store: TraceStore, on_spans: OnSpans | None = None, clock: Clock = wall_ms) -> None:
         self.store = store
         self.on_spans = on_spans
         self.clock = clock
 
-    async def Export(
-        self, request: ExportTraceServiceRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> ExportTraceServiceResponse:
+    async def Export(self, request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
         try:
-            spans = spans_from_proto(request)
-        except ValueError as exc:
-            log.debug("rejected an OTLP/gRPC export: %s", exc)
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        return ingest(self.store, spans, self.clock, self.on_spans)
+            spans = spans_from_proto(ExportTraceServiceRequest.FromString(request))
+        except (DecodeError, ValueError, RecursionError) as exc:
+            # DecodeError is not a ValueError; protobuf's parser raises RecursionError on absurd nesting.
+            message = (
+                f"malformed OTLP ExportTraceServiceRequest: {exc}" if not isinstance(exc, ValueError) else str(exc)
+            )
+            log.debug("rejected an OTLP/gRPC export: %s", message)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+        return ingest(self.store, spans, self.clock, self.on_spans).SerializeToString()
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
-        # The generated module ships without type stubs.
-        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(self, server)  # type: ignore[no-untyped-call]
+        handler = grpc.unary_unary_rpc_method_handler(self.Export, request_deserializer=None, response_serializer=None)
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(_SERVICE.lstrip("/"), {_METHOD: handler}),)
+        )
 
 
 def make_http_handler(

@@ -22,6 +22,7 @@ class Thresholds:
     latency_min_requests: int = 10
     drift_alert: float = 0.2
     accuracy_drop_points: float = 5.0
+    accuracy_drop_p1_points: float = 10.0
     burn_rate: float = 14.4
     saturation: float = 0.8
     saturation_for_s: float = 300.0
@@ -121,6 +122,7 @@ def drift_high(drift: list[dict[str, object]], t: Thresholds) -> list[Condition]
 
 
 def accuracy_drop(accuracy: list[dict[str, object]], t: Thresholds) -> list[Condition]:
+    """P2 past ``accuracy_drop_points``, P1 past ``accuracy_drop_p1_points`` (one alert, its severity by size)."""
     out = []
     for a in accuracy:
         drop = a.get("drop_points")
@@ -129,7 +131,7 @@ def accuracy_drop(accuracy: list[dict[str, object]], t: Thresholds) -> list[Cond
         out.append(
             condition(
                 "LoomAccuracyDrop",
-                "P2",
+                "P1" if value > t.accuracy_drop_p1_points else "P2",
                 labels,
                 value > t.accuracy_drop_points,
                 value,

@@ -73,6 +73,11 @@ GATEWAY_STAGE = "gateway"
 DLQ_POLL_TIMEOUT_S = 2.0
 
 
+#: Pipelines the mesh runs for itself (``_labels``: postprocess embedding its label texts). Their
+#: parts are real work (stage latency, capacity, traffic) but not callers' inputs, so no drift.
+INTERNAL_PREFIX = "_"
+
+
 class Monitor(Service):
     name: ClassVar[str] = "monitor"
 
@@ -84,7 +89,9 @@ class Monitor(Service):
         self.slo = SloBook(SloWindows(short_s=s.slo_short_s, long_s=s.slo_long_s))
         self.drift = DriftBook(reference_size=s.drift_reference, window=s.drift_window, min_samples=s.drift_min_samples)
         self.answers = AnswerBook(max_answers=s.answers)
-        self.accuracy = AccuracyBook(self.answers, window=s.accuracy_window, min_samples=s.accuracy_min_samples)
+        self.accuracy = AccuracyBook(
+            self.answers, window=s.accuracy_window, min_samples=s.accuracy_min_samples, bucket_s=s.accuracy_bucket_s
+        )
         self.versions = VersionBook(keep_s=s.slo_long_s, samples=s.version_samples)
         self.capacity = CapacityBook(
             CapacityPolicy(
@@ -109,6 +116,7 @@ class Monitor(Service):
             latency_p1_ms=s.latency_p1_ms,
             drift_alert=s.drift_alert,
             accuracy_drop_points=s.accuracy_drop_points,
+            accuracy_drop_p1_points=s.accuracy_drop_p1_points,
             burn_rate=s.burn_rate,
             saturation=s.saturation,
         )
@@ -123,6 +131,11 @@ class Monitor(Service):
         self._started_ms = now_ms()
         REGISTRY.register(self.triton)
 
+    @property
+    def audit(self) -> AuditLog | None:
+        """Where the monitor's admin routes record what they did: ``None`` until it has started (no bus)."""
+        return AuditLog(self._rt.bus, service=self.name) if self._rt is not None else None
+
     # -- life cycle ---------------------------------------------------------
     async def start(self, rt: Runtime) -> None:
         self._rt = rt
@@ -134,7 +147,8 @@ class Monitor(Service):
         await rt.bus.subscribe(
             subjects.TELEMETRY_ALL, self.on_event, pending_limit=self.ms.telemetry_buffer, inline=True
         )
-        await rt.bus.subscribe(subjects.FEEDBACK_ALL, self.on_feedback)
+        # Feedback is bounded too: beyond feedback_buffer the client drops and counts (buffer="feedback").
+        await rt.bus.subscribe(subjects.FEEDBACK_ALL, self.on_feedback, pending_limit=self.ms.feedback_buffer)
         # One HTTP session for Triton's polls and the alert webhook.
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0))
         if self.ms.rollout_enabled:
@@ -144,6 +158,7 @@ class Monitor(Service):
             self._session,
             self.ms.alert_webhook_url,
             generator_url=f"{'https' if self.ms.tls_enabled else 'http'}://{self.ms.bind_host}:{self.ms.http_port}/",
+            max_pending=self.ms.webhook_pending,
         )
         self._loop_task = asyncio.create_task(self._evaluate_forever())
 
@@ -217,6 +232,8 @@ class Monitor(Service):
                     pass
         elif code != "OK":
             return
+        elif event.pipeline.startswith(INTERNAL_PREFIX):
+            return  # the mesh's own work (postprocess embedding its labels): no user input to drift
         elif event.stage.startswith("loom.infer."):
             self.traffic.record(event.model, event.model_version, event.duration_ms, t)
             for feature, value in event.stats.items():
@@ -290,12 +307,25 @@ class Monitor(Service):
 
     def telemetry_dropped(self) -> float:
         """Telemetry events the NATS client dropped because the monitor's queue was full."""
-        total = 0.0
-        for metric in metrics.SLOW_CONSUMER_DROPS.collect():
-            for sample in metric.samples:
-                if sample.name.endswith("_total") and sample.labels.get("subject") == subjects.TELEMETRY_ALL:
-                    total += sample.value
-        return total
+        return slow_consumer_drops(subjects.TELEMETRY_ALL)
+
+    def feedback_dropped(self) -> float:
+        """Feedback messages the NATS client dropped because the monitor's feedback queue was full."""
+        return slow_consumer_drops(subjects.FEEDBACK_ALL)
+
+    def webhook_dropped(self) -> float:
+        """Alert webhook POSTs not sent because ``webhook_pending`` were already in flight."""
+        return float(self._notifier.dropped) if self._notifier is not None else 0.0
+
+
+def slow_consumer_drops(subject: str) -> float:
+    """What the NATS client dropped on the subscription to ``subject`` (counted by the bus's error callback)."""
+    total = 0.0
+    for metric in metrics.SLOW_CONSUMER_DROPS.collect():
+        for sample in metric.samples:
+            if sample.name.endswith("_total") and sample.labels.get("subject") == subject:
+                total += sample.value
+    return total
 
 
 def _parse_feedback(data: bytes) -> monitor_pb2.Feedback:

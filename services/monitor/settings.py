@@ -39,6 +39,12 @@ class MonitorSettings(AuthSettings):
     drift_baseline_file: str = _f("drift_baseline_file", "", "Load drift baselines from this JSON file at start.")
     accuracy_window: int = _f("accuracy_window", 200, "Recent feedback per model version for accuracy.")
     accuracy_min_samples: int = _f("accuracy_min_samples", 20, "Fewest feedback samples for an accuracy alert.")
+    accuracy_bucket_s: float = _f(
+        "accuracy_bucket_s", 10.0, "Width of one point of the accuracy, precision and recall series over time."
+    )
+    feedback_buffer: int = _f(
+        "feedback_buffer", 10_000, "Feedback messages queued for the monitor; beyond it they are dropped and counted."
+    )
     answers: int = _f("answers", 50_000, "Answers remembered for joining feedback by request_id.")
     traces_max: int = _f("traces_max", 2000, "Traces kept (least recently updated evicted first).")
     spans_max: int = _f("spans_max", 100_000, "Spans kept over all traces.")
@@ -48,6 +54,9 @@ class MonitorSettings(AuthSettings):
     latency_p1_ms: float = _f("latency_p1_ms", 3000.0, "P1 when a pipeline's p95 over 60 s exceeds this.")
     drift_alert: float = _f("drift_alert", 0.2, "P2 when a feature's PSI exceeds this.")
     accuracy_drop_points: float = _f("accuracy_drop_points", 5.0, "P2 when accuracy drops more points than this.")
+    accuracy_drop_p1_points: float = _f(
+        "accuracy_drop_p1_points", 10.0, "P1 (same alert, LoomAccuracyDrop) when accuracy drops more points than this."
+    )
     burn_rate: float = _f("burn_rate", 14.4, "Warning when both burn-rate windows exceed this.")
     saturation: float = _f("saturation", 0.8, "Warning when CPU/GPU utilisation stays above this for 5 min.")
     alert_webhook_url: str = _f(
@@ -55,6 +64,9 @@ class MonitorSettings(AuthSettings):
         "",
         "POST fired/resolved alerts here (Alertmanager webhook format; a URL ending in "
         "/api/v2/alerts gets Alertmanager's API format).",
+    )
+    webhook_pending: int = _f(
+        "webhook_pending", 16, "Alert webhook POSTs in flight at once; beyond it new ones are dropped and counted."
     )
     rollout_enabled: bool = _f(
         "rollout_enabled", True, "Run the rollout controller: judge running rollouts, advance, promote, roll back."

@@ -2,8 +2,12 @@
 
 Every poll asks Triton's repository index which model versions are READY and
 scrapes its Prometheus endpoint. The ``nv_*`` families are re-exposed on the
-monitor's /metrics unchanged (per model/version inference, queue and compute
-times, CPU; GPU utilisation and memory when a GPU exists).
+monitor's /metrics under their own names, labels and values (per model/version
+inference, queue and compute times, CPU; GPU utilisation and memory when a GPU
+exists). Triton's counters come back ``untyped``: the Prometheus client would
+expose a counter as ``<name>_total``, which is not Triton's name. When a poll
+fails, every ``nv_*`` family and per-request figure is cleared: nothing stale is
+exposed, and no rule acts on an old CPU/GPU reading.
 """
 
 from __future__ import annotations
@@ -74,11 +78,15 @@ class TritonWatch(Collector):
             async with session.get(self.metrics_url) as resp:
                 resp.raise_for_status()
                 text = await resp.text()
+            families = [_as_scraped(f) for f in text_string_to_metric_families(text) if f.name.startswith("nv_")]
         except Exception as exc:
             if self.up:
                 log.warning("Triton unreachable at %s: %s", base, exc)
             self.up = False
             self.models = [ModelState(m, self.last_version.get(m, ""), False, "Triton unreachable") for m in self.names]
+            # Nothing stale: no old nv_* values on /metrics, no saturation alert from an old CPU/GPU gauge.
+            self.families = []
+            self.per_request_us = {}
             return
         self.up = self.seen_up = True
         self.scraped_unix_ms = now_ms
@@ -89,7 +97,7 @@ class TritonWatch(Collector):
         for m in self.models:
             if m.ready:
                 self.last_version[m.model] = m.version
-        self.families = [_as_scraped(f) for f in text_string_to_metric_families(text) if f.name.startswith("nv_")]
+        self.families = families
         self._per_request()
 
     @property

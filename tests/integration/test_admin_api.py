@@ -22,7 +22,15 @@ import pytest
 from services.common.launch.mesh import Mesh, free_ports
 from services.common.pb.loom.v1 import admin_pb2 as pb
 from services.common.pb.loom.v1 import admin_pb2_grpc, gateway_pb2, gateway_pb2_grpc
-from tests.support import TEST_API_KEY, bearer, copy_model_repository, eventually, grpc_auth, predict_http
+from tests.support import (
+    TEST_API_KEY,
+    bearer,
+    copy_model_repository,
+    eventually,
+    grpc_auth,
+    http_json,
+    predict_http,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -54,14 +62,17 @@ def admin_mesh(request: pytest.FixtureRequest, repository: Path) -> Iterator[Mes
         env={"LOOM_GATEWAY_MODEL_REPOSITORY": str(repository)},
         api_key=TEST_API_KEY,
     )
+    violations: list[str] = []
     try:
         m.start(timeout=240)
         yield m
+        violations = m.permission_violations()  # e.g. the monitor's audit of its own admin routes
     finally:
-        failed = request.session.testsfailed > 0
+        failed = request.session.testsfailed > 0 or bool(violations)
         m.stop(remove_workdir=not failed)
         if failed:
             print(f"\nadmin mesh logs kept in {m.workdir / 'logs'}")
+    assert not violations, "nats-server refused these (deploy/nats/loom.conf):\n" + "\n".join(violations[:30])
 
 
 # --- clients ------------------------------------------------------------------------------------
@@ -111,7 +122,7 @@ def triton_ready(mesh: Mesh, model: str, version: str) -> bool:
     url = f"http://127.0.0.1:{mesh.ports['triton_http']}/v2/models/{model}/versions/{version}/ready"
     try:
         with urllib.request.urlopen(url, timeout=5) as resp:
-            return resp.status == 200
+            return bool(resp.status == 200)
     except urllib.error.HTTPError:
         return False
 
@@ -286,6 +297,63 @@ def test_refusals_are_audited_with_the_actor(admin_mesh: Mesh) -> None:
     details = json.loads(last.details_json)
     assert "already stable" in details["error"] and details["tenant"] == "dev"  # x-loom-actor is not believed
     assert all(e.target == "minilm" or e.target.startswith("minilm/") for e in reply.entries)
+
+
+def newest(mesh: Mesh, action: str, limit: int = 50) -> dict[str, Any]:
+    """The newest audit entry of ``action`` (any target)."""
+    status, doc = call(mesh, "GET", f"/audit?limit={limit}")
+    assert status == 200, doc
+    mine = [e for e in doc["entries"] if e["action"] == action]
+    assert mine, [e["action"] for e in doc["entries"]]
+    return dict(mine[-1])
+
+
+def test_admin_actions_say_where_they_came_from_on_both_transports(admin_mesh: Mesh) -> None:
+    # HTTP: a refused traffic change (weights outside 0..100); gRPC: a refused pause (no rollout).
+    policy = {"stable": "1", "canary": {"version": "2", "weight": 150}}
+    refused_http(admin_mesh, "PUT", "/models/minilm/traffic", policy, 400, "INVALID_ARGUMENT", "canary.weight")
+    over_http = newest(admin_mesh, "traffic.set")
+    with pytest.raises(grpc.RpcError):
+        rpc(admin_mesh, "PauseRollout", pb.RolloutActionRequest(model="minilm"))
+    reply = rpc(admin_mesh, "ListAudit", pb.ListAuditRequest(model="minilm", limit=5))
+    over_grpc = [e for e in reply.entries if e.action == "rollout.pause"][-1]
+    assert (over_http["source"], over_http["actor"], over_http["result"]) == ("127.0.0.1", ACTOR, "refused")
+    assert (over_grpc.source, over_grpc.actor, over_grpc.result) == ("127.0.0.1", ACTOR, "refused")
+
+
+def test_a_pipeline_put_is_an_audited_admin_action(admin_mesh: Mesh) -> None:
+    url = f"{admin_mesh.gateway_http}/v1/pipelines/embed"
+    status, spec = http_json(url)
+    assert status == 200, spec
+    status, stored = http_json(url, spec, method="PUT")
+    assert status == 200, stored
+    entry = newest(admin_mesh, "pipeline.put")
+    assert (entry["target"], entry["result"], entry["actor"], entry["source"]) == ("embed", "ok", ACTOR, "127.0.0.1")
+    assert entry["details"]["revision"] == stored["revision"] and entry["details"]["tenant"] == "dev"
+    status, _ = http_json(url, raw=b"name: [not a spec", method="PUT")
+    assert status == 400
+    refused = newest(admin_mesh, "pipeline.put")
+    assert (refused["target"], refused["result"]) == ("embed", "refused") and refused["details"]["error"]
+
+
+def test_the_monitors_admin_routes_are_audited(admin_mesh: Mesh) -> None:
+    base = admin_mesh.monitor_http
+    assert http_json(f"{base}/v1/drift/baseline", {"action": "capture", "pipeline": "embed"})[0] == 202
+    assert http_json(f"{base}/v1/drift/baseline", {"action": "forget"})[0] == 400
+    assert http_json(f"{base}/v1/evaluate", {}, method="POST")[0] == 200
+
+    def landed() -> bool:
+        actions = [e["action"] for e in call(admin_mesh, "GET", "/audit?limit=50")[1]["entries"]]
+        return {"monitor.baseline.capture", "monitor.baseline", "monitor.evaluate"} <= set(actions)
+
+    eventually(landed, 10)
+    capture, refused, evaluate = (
+        newest(admin_mesh, a) for a in ("monitor.baseline.capture", "monitor.baseline", "monitor.evaluate")
+    )
+    assert (capture["service"], capture["target"], capture["result"]) == ("monitor", "drift/embed", "ok")
+    assert (refused["result"], refused["target"]) == ("refused", "drift/*") and "capture" in refused["details"]["error"]
+    assert (evaluate["service"], evaluate["result"], evaluate["actor"]) == ("monitor", "ok", ACTOR)
+    assert {capture["source"], refused["source"], evaluate["source"]} == {"127.0.0.1"}
 
 
 def test_a_version_triton_cannot_load_is_removed_and_not_registered(

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
 import random
+import signal
+import time
 import uuid
 from typing import Any
 
@@ -18,7 +21,7 @@ from services.common import durable
 from services.common.launch.mesh import Mesh
 from services.common.pb.loom.v1 import gateway_pb2, gateway_pb2_grpc
 from tests.media import sentence, text_image, tone_wav
-from tests.support import eventually, gateway_channel, http_json
+from tests.support import eventually, gateway_channel, http_json, metric
 
 pytestmark = pytest.mark.integration
 
@@ -175,3 +178,30 @@ def test_event_publishers_get_answers_typed_errors_and_dead_letters(mesh: Mesh) 
     assert again
     status, body = http_json(f"{mesh.gateway_http}/v1/admin/dlq?stage=ingress")
     assert letter["seq"] not in [d["seq"] for d in body["dead_letters"]]  # the replayed letter left the queue
+
+
+def test_a_durable_part_whose_deadline_passes_before_its_stage_fails_unprocessed(mesh: Mesh) -> None:
+    """Preprocess frozen past a Submit's deadline: once it thaws it never works the part, and says why."""
+    frozen = [proc for name, proc in mesh.services.items() if name.startswith("preprocess") and proc.running()]
+    url = mesh.http_url("preprocess")
+    drops = metric(url, "loom_deadline_drops_total", stage="loom.pre.text")
+    worked = metric(url, "loom_stage_duration_seconds_count", stage="loom.pre.text")
+    for proc in frozen:
+        assert proc.pid is not None
+        os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        status, accepted = _submit(mesh, "embed", {"inputs": {"text": _text(606)}, "timeout_ms": 300})
+        assert status == 202, accepted
+        time.sleep(1.5)  # well past its 300 ms while nothing can take it
+    finally:
+        for proc in frozen:
+            assert proc.pid is not None
+            os.kill(proc.pid, signal.SIGCONT)
+    body = _result(mesh, accepted["request_id"])
+    assert body["state"] == "FAILED" and body["error"]["code"] == "DEADLINE_EXCEEDED", body
+    assert body["error"]["service"] == "preprocess", body
+    eventually(lambda: metric(url, "loom_deadline_drops_total", stage="loom.pre.text") >= drops + 1, timeout=10)
+    assert metric(url, "loom_stage_duration_seconds_count", stage="loom.pre.text") == worked  # never worked on
+    # The stage is itself again: the next request is answered.
+    status, accepted = _submit(mesh, "embed", {"inputs": {"text": _text(607)}})
+    assert status == 202 and _result(mesh, accepted["request_id"])["state"] == "DONE"

@@ -148,6 +148,12 @@ PUBLISH = [
     ("monitor", "loom.alert.p1", True),
     ("monitor", "loom.infer.minilm", False),  # the example
     ("monitor", "loom.fb.embed", False),
+    ("monitor", "loom.audit.monitor", True),  # its own admin routes (drift baseline, evaluate)
+    ("monitor", "loom.audit.model", False),  # the gateway's admin entries are not the monitor's to write
+    ("preprocess", "loom.audit.auth", True),  # refused calls, after a look at how full the stream is:
+    ("preprocess", "$JS.API.STREAM.INFO.LOOM_AUDIT", True),
+    ("preprocess", "loom.audit.rollout", False),
+    ("publisher", "loom.audit.auth", False),
     ("publisher", "loom.req.embed", True),
     ("publisher", "loom.pre.text", False),
     ("publisher", "loom.infer.minilm", False),

@@ -36,6 +36,8 @@ DEADLINE_MS = 2000
 #: What an admitted call may take beyond its deadline: the gateway's answer travelling back on a busy machine.
 SLACK_S = 0.5
 REFUSAL_P99_S = 0.050
+#: The slowest refusal: a GC pause or a scheduling hiccup of 2 shared cores lands in the max, not the p99.
+REFUSAL_MAX_S = 0.250
 ACME_RATE = 10  # a minute
 
 
@@ -218,6 +220,7 @@ def test_twice_the_saturation_rate_is_refused_fast_and_the_rest_answered_in_time
     assert {o.protocol for o in refused} == {"http", "grpc"}, summary
     assert all(o.retry_after is not None and int(o.retry_after) >= 1 for o in refused)
     assert refusal_p99 < REFUSAL_P99_S, summary
+    assert max(o.seconds for o in refused) < REFUSAL_MAX_S, summary
     # Every admitted call answered, or failed as the deadline says, within the deadline.
     assert {o.detail for o in admitted} <= {"200", "OK", "504 DEADLINE_EXCEEDED", "DEADLINE_EXCEEDED"}, summary
     assert all(o.seconds <= DEADLINE_MS / 1000 + SLACK_S for o in admitted), summary

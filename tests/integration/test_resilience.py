@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import threading
@@ -95,7 +96,11 @@ def test_triton_outage_is_unavailable_within_the_deadline_then_heals(mesh: Mesh)
 
 def test_sigterm_drains_a_gateway_without_dropping_its_requests(mesh: Mesh) -> None:
     # An earlier test may have restarted Triton: start once the mesh answers again (breakers closed).
-    eventually(lambda: predict_http(mesh.gateway_http, "is the mesh back?")[0] == 200, timeout=60, interval=0.5)
+    # A new text each try: a cached answer would say nothing about Triton and the breakers.
+    probes = itertools.count()
+    eventually(
+        lambda: predict_http(mesh.gateway_http, f"is the mesh back? {next(probes)}")[0] == 200, timeout=60, interval=0.5
+    )
     gw, ports = mesh.start_replica("gateway", "gateway-1")
     try:
         url = f"http://127.0.0.1:{ports['http']}"

@@ -110,9 +110,39 @@ def test_series_buckets_and_keys_are_bounded() -> None:
     book.feedback("clf", "r1", "dog", None, 59_999)
     book.feedback("clf", "r2", "cat", None, 60_000)
     (row,) = snapshot(book)
-    assert row["series"] == [{"t": 0, "accuracy": 0.5, "samples": 2}, {"t": 60_000, "accuracy": 1.0, "samples": 1}]
+    assert row["series"] == [
+        # cat answered twice (once right): precision cat 1/2; recall cat 1/1, dog 0/1
+        {"t": 0, "accuracy": 0.5, "precision": 0.5, "recall": 0.5, "samples": 2},
+        {"t": 60_000, "accuracy": 1.0, "precision": 1.0, "recall": 1.0, "samples": 1},
+    ]
     book.feedback("clf", "r3", "cat", None, 130_000)
     assert [b["t"] for b in snapshot(book)[0]["series"]] == [60_000, 120_000]
     assert book.feedback("clf", "other", "cat", None, 130_000) == "joined"  # joined, but over max_keys
     assert book.dropped == 1 and len(book) == 1
     assert book.feedback("clf", "other", "cat", None, 130_000) == "duplicate"
+
+
+def test_series_uses_ten_second_buckets_by_default() -> None:
+    book = AccuracyBook(answered(4))
+    book.feedback("clf", "r0", "cat", None, 1_000)
+    book.feedback("clf", "r1", None, False, 9_999)  # right/wrong only: accuracy, no precision or recall
+    book.feedback("clf", "r2", None, True, 10_000)
+    (row,) = snapshot(book)
+    assert row["series"] == [
+        {"t": 0, "accuracy": 0.5, "precision": 1.0, "recall": 1.0, "samples": 2},
+        {"t": 10_000, "accuracy": 1.0, "precision": None, "recall": None, "samples": 1},
+    ]
+
+
+def test_a_bucket_with_too_many_labels_reports_no_precision_or_recall() -> None:
+    from services.monitor.accuracy import MAX_BUCKET_LABELS
+
+    n = MAX_BUCKET_LABELS + 5
+    book = AccuracyBook(answered(n))
+    for i in range(n):
+        book.feedback("clf", f"r{i}", f"label{i}", None, 500)
+    (row,) = snapshot(book)
+    (point,) = row["series"]
+    assert point["samples"] == n and point["accuracy"] == 0.0
+    assert point["precision"] is None and point["recall"] is None
+    assert row["precision"] is not None  # the window's figures are not affected

@@ -175,6 +175,27 @@ async def test_a_caller_that_gives_up_before_dispatch_leaves_the_batch() -> None
     assert run.batches == [[3]]
 
 
+async def test_items_whose_callers_gave_up_before_dispatch_count_as_deadline_drops_of_the_model() -> None:
+    labels = {"service": "inference", "stage": "loom.infer.dropmodel"}
+    before = REGISTRY.get_sample_value("loom_deadline_drops_total", labels) or 0.0
+    run = Recorder()
+    batcher: MicroBatcher[int, int] = MicroBatcher(run, max_delay_s=0.1, name="dropmodel")
+    late = [asyncio.ensure_future(batcher.submit(i, timeout_s=0.01)) for i in (1, 2)]
+    kept = asyncio.ensure_future(batcher.submit(3))
+    for fut in late:
+        with pytest.raises(DeadlineExceeded):
+            await fut
+    assert await kept == 6 and run.batches == [[3]]  # never sent to Triton
+    assert REGISTRY.get_sample_value("loom_deadline_drops_total", labels) == before + 2
+
+    # A caller that gives up after its batch went is no drop: the work was done, its answer discarded.
+    slow = MicroBatcher(Recorder(delay_s=0.1), max_delay_s=0.0, name="dropmodel", dispatch_when_idle=True)
+    with pytest.raises(DeadlineExceeded):
+        await slow.submit(4, timeout_s=0.02)
+    await slow.close()
+    assert REGISTRY.get_sample_value("loom_deadline_drops_total", labels) == before + 2
+
+
 async def test_close_dispatches_what_is_pending_then_refuses() -> None:
     run = Recorder()
     batcher: MicroBatcher[int, int] = MicroBatcher(run, max_delay_s=10.0)

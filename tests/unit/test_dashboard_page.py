@@ -317,3 +317,51 @@ async def test_empty_mesh_says_what_is_missing(browser: Chromium, monitor: FakeM
     assert "no traces yet" in text["traces"] and "no drift data yet" in text["drift"]
     assert "no models reported yet" in text["models"] and "down" in text["models"]
     assert browser.console_errors() == []
+
+
+ACCURACY_SERIES = '[data-panel="accuracy"] svg.chart[data-chart="accuracy"] .series'
+
+
+async def test_a_series_with_one_point_is_drawn_as_a_dot(browser: Chromium, monitor: FakeMonitor) -> None:
+    """The first 10 s of feedback give one point per version: it is drawn (a dot), not "no feedback yet"."""
+    doc = copy.deepcopy(monitor.doc)
+    now = int(time.time() * 1000)
+    v1, v2 = doc["accuracy"]
+    v1["series"] = [{"t": now - now % 10_000, "accuracy": 0.4, "precision": 0.5, "recall": 0.4, "samples": 50}]
+    v2["series"] = []  # feedback too old for the series, still in the window: nothing to draw for it
+    drift = next(d for d in doc["drift"] if d["feature"] == "top_score")
+    drift["history"] = drift["history"][-1:]
+    monitor.doc = doc
+    await open_dashboard(browser, monitor)
+
+    drawn = await browser.evaluate(
+        f"[...document.querySelectorAll({ACCURACY_SERIES!r})].map(e => [e.tagName, e.dataset.series,"
+        " e.getAttribute('fill'), getComputedStyle(e).fill !== 'none'])"
+    )
+    assert drawn == [["circle", "v1", "#2f6fdb", True]]  # one dot in v1's colour, filled (visible)
+    text = await browser.evaluate("document.querySelector('[data-panel=\"accuracy\"] .panel-body').textContent")
+    assert "no feedback yet" not in text and "no judged answers over time yet" not in text
+    # 40 % accuracy sits at the 40 % height of the y axis, not at an edge
+    box = await browser.evaluate(
+        f"(() => {{ const c = document.querySelector({ACCURACY_SERIES!r}); return [+c.getAttribute('cy'),"
+        " c.ownerSVGElement.viewBox.baseVal.height]; })()"
+    )
+    assert 8 < box[0] < box[1] - 20
+    spark = await browser.evaluate(
+        '[...document.querySelectorAll(\'[data-panel="drift"] tr.drift-row[data-feature="top_score"] .series\')]'
+        ".map(e => e.tagName)"
+    )
+    assert spark == ["circle"]
+    assert browser.console_errors() == []
+
+
+async def test_feedback_without_a_series_point_says_so_in_the_chart(browser: Chromium, monitor: FakeMonitor) -> None:
+    doc = copy.deepcopy(monitor.doc)
+    for row in doc["accuracy"]:
+        row["series"] = []
+    monitor.doc = doc
+    await open_dashboard(browser, monitor)
+    assert await browser.evaluate(f"document.querySelectorAll({ACCURACY_SERIES!r}).length") == 0
+    text = await browser.evaluate("document.querySelector('[data-panel=\"accuracy\"] .panel-body').textContent")
+    assert "no judged answers over time yet" in text and "no feedback yet" not in text
+    assert "84.7" in text  # the window's figures are still shown

@@ -41,8 +41,9 @@ def dump(book: DriftBook) -> dict[str, Any]:
 
 
 def feed(book: DriftBook, values, version: str = "1", kind: str = "input", t: int = 1_000, pipeline: str = "p"):
+    feature = "length" if kind == "input" else "score"  # one name cannot be both kinds
     for v in values:
-        book.record(pipeline, "m", version, "length", float(v), kind, t)
+        book.record(pipeline, "m", version, feature, float(v), kind, t)
 
 
 def test_psi_by_hand_and_eps_floor() -> None:
@@ -143,7 +144,7 @@ def test_new_version_is_compared_with_the_old_versions_baseline() -> None:
     v1 = book.baseline_for(FeatureKey("p", "m", "1", "length", "input"))
     assert book.baseline_for(FeatureKey("p", "m", "2", "length", "input")) is v1
     assert [f["version"] for f in dump(book)["features"]] == ["1"]  # v2 captured nothing of its own
-    # The output feature of the same name is a different series and has no baseline to borrow.
+    # An output feature is a different series and has no baseline to borrow.
     feed(book, [1.0], version="2", kind="output")
     out = next(r for r in evaluate(book, 4_000) if r["kind"] == "output")
     assert out["band"] == "capturing"
@@ -216,3 +217,29 @@ def test_keys_are_bounded_and_drops_counted() -> None:
     assert not book.record("p", "m", "1", "a", float("nan"), "input", 0) and book.invalid == 1
     with pytest.raises(ValueError):
         book.record("p", "m", "1", "a", 1.0, "sideways", 0)
+
+
+def test_an_input_and_an_output_feature_cannot_share_a_name() -> None:
+    """loom_drift_psi has no kind label: the second kind of one name is refused, never merged or overwritten."""
+    book = DriftBook(reference_size=10, window=10, min_samples=5)
+    assert book.record("p", "m", "1", "score", 0.5, "input", 1)
+    assert not book.record("p", "m", "1", "score", 0.9, "output", 1)
+    assert book.clashes == 1 and len(book) == 1
+    assert book.record("p", "m", "1", "top_score", 0.9, "output", 1)  # a distinct name is fine
+    assert book.record("p", "m", "2", "score", 0.9, "output", 1)  # so is another version
+    rows = book.evaluate(2)
+    names = [(r["version"], r["feature"]) for r in rows]
+    assert len(names) == len(set(names)) == 3  # one series per exported label set
+    base = Baseline.from_sample([float(i) for i in range(20)]).to_dict()
+    both: dict[str, Any] = {
+        "version": 1,
+        "features": [
+            {"pipeline": "p", "model": "m", "version": "9", "feature": "x", "kind": kind, **base}
+            for kind in ("input", "output")
+        ],
+    }
+    with pytest.raises(ValueError, match="both an input and an output"):
+        book.load(both)
+    clash = {"version": 1, "features": [{**both["features"][1], "version": "1", "feature": "score"}]}
+    with pytest.raises(ValueError, match="is an input feature here"):
+        book.load(clash)

@@ -28,6 +28,7 @@ from services.gateway import convert, kserve_rest, kserve_wire
 from services.gateway.core import PredictCall
 from services.gateway.http_api import GatewayHttp
 from services.gateway.settings import GatewaySettings
+from tests.fuzzlog import counted
 
 pytestmark = pytest.mark.unit
 
@@ -76,16 +77,19 @@ def _decode_or_decode_error(cls: Any, data: bytes) -> Any:
 
 @FUZZ
 @given(body=JSON | BODIES)
-def test_call_from_json_raises_only_loom_errors(body: Any) -> None:
+@counted("unit-call-from-json-raises-only-loom-errors")
+def test_call_from_json_raises_only_loom_errors(body: Any) -> str | None:
     try:
         call = convert.call_from_json("embed", body)
     except LoomError:
-        return
+        return "typed error"
     assert isinstance(call, PredictCall)
+    return None
 
 
 @settings(max_examples=5, deadline=None, derandomize=True, database=None)
 @given(text=st.sampled_from([0, 1_000, 1_000_000, 5_000_000]).map(lambda n: "é" * n))
+@counted("unit-huge-text-input-converts-or-raises-typed")
 def test_huge_text_input_converts_or_raises_typed(text: str) -> None:
     # Size limits are the edge's job (read_body); the conversion itself must not choke on a large field.
     call = convert.call_from_json("embed", {"inputs": {"text": text}})
@@ -100,15 +104,18 @@ def test_huge_text_input_converts_or_raises_typed(text: str) -> None:
         max_size=5,
     )
 )
-def test_call_from_form_raises_only_loom_errors(fields: dict[str, tuple[bytes, str, bool]]) -> None:
+@counted("unit-call-from-form-raises-only-loom-errors")
+def test_call_from_form_raises_only_loom_errors(fields: dict[str, tuple[bytes, str, bool]]) -> str | None:
     try:
         convert.call_from_form("embed", fields)
     except LoomError:
-        return
+        return "typed error"
+    return None
 
 
 @FUZZ
 @given(data=st.binary(max_size=512))
+@counted("unit-random-bytes-decode-or-raise-decode-error")
 def test_random_bytes_decode_or_raise_decode_error(data: bytes) -> None:
     for cls in (gateway_pb2.PredictRequest, gateway_pb2.SubmitRequest, pb.Part):
         msg = _decode_or_decode_error(cls, data)
@@ -120,6 +127,7 @@ def test_random_bytes_decode_or_raise_decode_error(data: bytes) -> None:
 
 @FUZZ
 @given(cut=st.integers(min_value=0, max_value=len(VALID_PREDICT)), flip=st.integers(0, 255), at=st.integers(0, 10_000))
+@counted("unit-truncated-and-mutated-messages-decode-or-raise-decode-error")
 def test_truncated_and_mutated_messages_decode_or_raise_decode_error(cut: int, flip: int, at: int) -> None:
     for valid, cls in ((VALID_PREDICT, gateway_pb2.PredictRequest), (VALID_PART, pb.Part)):
         data = bytearray(valid[: min(cut, len(valid))])
@@ -133,20 +141,24 @@ def test_truncated_and_mutated_messages_decode_or_raise_decode_error(cut: int, f
 
 @FUZZ
 @given(request_id=st.text(max_size=100))
-def test_request_ids_are_checked_not_crashed_on(request_id: str) -> None:
+@counted("unit-request-ids-are-checked-not-crashed-on")
+def test_request_ids_are_checked_not_crashed_on(request_id: str) -> str | None:
     try:
         assert envelope.check_request_id(request_id) == request_id
     except LoomError:
-        return
+        return "typed error"
+    return None
 
 
 @FUZZ
 @given(data=st.binary(max_size=256))
-def test_bytes_tensor_unpacking_raises_typed(data: bytes) -> None:
+@counted("unit-bytes-tensor-unpacking-raises-typed")
+def test_bytes_tensor_unpacking_raises_typed(data: bytes) -> str | None:
     try:
         kserve_wire.unpack_bytes(data)
     except LoomError:
-        return
+        return "typed error"
+    return None
 
 
 KSERVE_INPUT = st.fixed_dictionaries(
@@ -168,13 +180,15 @@ KSERVE_BODY = st.fixed_dictionaries(
 
 @FUZZ
 @given(header=KSERVE_BODY | JSON, binary=st.binary(max_size=64), split_delta=st.integers(-3, 3) | st.none())
-def test_kserve_rest_body_raises_only_loom_errors(header: Any, binary: bytes, split_delta: int | None) -> None:
+@counted("unit-kserve-rest-body-raises-only-loom-errors")
+def test_kserve_rest_body_raises_only_loom_errors(header: Any, binary: bytes, split_delta: int | None) -> str | None:
     head = json.dumps(header).encode()
     length = None if split_delta is None else str(len(head) + split_delta)
     try:
         kserve_rest.request_from_rest("embed", "", head + binary, length)
     except LoomError:
-        return
+        return "typed error"
+    return None
 
 
 # --- found by tests/integration/test_fuzz_http.py ------------------------------------------------
@@ -184,7 +198,7 @@ async def test_a_malformed_multipart_body_is_invalid_argument_not_internal() -> 
     # A part header that is not a valid HTTP header (a control character in the field name) made
     # aiohttp's multipart reader raise InvalidHeader, which the edge answered as 500 INTERNAL.
     app = web.Application()
-    core = SimpleNamespace(record=lambda *args: None)  # the body is refused before the core is asked
+    core = SimpleNamespace(record=lambda *args: None, bus=None)  # the body is refused before the core is asked
     GatewayHttp(cast(Any, core), cast(Any, None), GatewaySettings()).add_routes(app)
     boundary = "b0undary"
     bad_header = b'--b0undary\r\nContent-Disposition: form-data; name="a\x0cb"\r\n\r\nx\r\n--b0undary--\r\n'

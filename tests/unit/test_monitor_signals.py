@@ -162,3 +162,48 @@ def test_no_model_alert_while_the_monitor_starts_and_triton_never_answered() -> 
     assert rules.model_unavailable(watch, starting=False)[0].active
     watch.seen_up = True  # it was up once: an outage during the grace period is an outage
     assert rules.model_unavailable(watch, starting=True)[0].active
+
+
+def test_slo_burn_needs_both_windows_over_the_threshold() -> None:
+    th = rules.Thresholds(burn_rate=14.4)
+    book = SloBook(SloWindows(short_s=300, long_s=3600))
+    spec = SloSpec()  # availability 0.999: budget 0.001
+    now = T0 + 3_600_000
+    # An hour of good answers, then a burst of failures in the last minute.
+    for i in range(50_000):
+        book.record("p", 10.0, "OK", T0 + i * 60)
+    for i in range(100):
+        book.record("p", 10.0, "UNAVAILABLE" if i < 10 else "OK", now - 60_000 + i * 10)
+    rates = book.burn_rates("p", spec, now)["availability"]
+    assert rates["short"] > 14.4 > rates["long"]  # short high, long low
+    [avail] = [c for c in rules.slo_burn(book, {"p": spec}, now, th) if dict(c.labels)["slo"] == "availability"]
+    assert not avail.active
+
+    # Failures for the whole hour: both windows burn.
+    hot = SloBook(SloWindows(short_s=300, long_s=3600))
+    for i in range(3600):
+        hot.record("p", 10.0, "INTERNAL" if i % 10 == 0 else "OK", T0 + i * 1000)
+    conds = {dict(c.labels)["slo"]: c for c in rules.slo_burn(hot, {"p": spec}, T0 + 3_600_000, th)}
+    burn = conds["availability"]
+    assert burn.active and burn.severity == "warning" and burn.name == "LoomSLOBurn"
+    assert burn.value == pytest.approx(100.0, rel=0.1)  # 10 % errors / 0.1 % budget
+    assert not conds["latency"].active  # every answer took 10 ms
+
+
+@pytest.mark.parametrize(("drop", "severity", "active"), [(4.9, "P2", False), (7.0, "P2", True), (12.5, "P1", True)])
+def test_accuracy_drop_severity_grows_with_the_drop(drop: float, severity: str, active: bool) -> None:
+    row = {"pipeline": "p", "model": "m", "version": "1", "drop_points": drop, "accuracy": 0.8}
+    [c] = rules.accuracy_drop([row], rules.Thresholds())
+    assert (c.name, c.severity, c.active) == ("LoomAccuracyDrop", severity, active)
+
+
+def test_a_change_of_severity_resolves_the_old_alert_and_fires_the_new_one() -> None:
+    book = AlertBook()
+    th = rules.Thresholds()
+    row = {"pipeline": "p", "model": "m", "version": "1", "drop_points": 7.0}
+    [p2] = book.evaluate(rules.accuracy_drop([row], th), T0)
+    assert (p2.severity, p2.state) == ("P2", "firing")
+    assert book.evaluate(rules.accuracy_drop([row], th), T0 + 1000) == []  # unchanged: nothing to announce
+    changed = book.evaluate(rules.accuracy_drop([{**row, "drop_points": 15.0}], th), T0 + 2000)
+    assert [(a.severity, a.state) for a in changed] == [("P2", "resolved"), ("P1", "firing")]
+    assert [a.severity for a in book.firing()] == ["P1"] and book.firing()[0].started_unix_ms == T0 + 2000

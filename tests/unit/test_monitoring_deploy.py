@@ -36,7 +36,7 @@ CONTRACT_ALERTS = {
     "LoomDeadLetters": "P2",
 }
 # Alerts only deploy/ defines (the monitor does not raise them): they read the services' own metrics.
-DEPLOY_ALERTS = {"LoomBreakerOpen": "warning"}
+DEPLOY_ALERTS = {"LoomBreakerOpen": "warning", "LoomAuditStreamFilling": "warning"}
 ALERTS = {**CONTRACT_ALERTS, **DEPLOY_ALERTS}
 
 # Every metric name Loom, its monitor and Triton export (the contract's list), plus Prometheus' own.
@@ -55,6 +55,8 @@ KNOWN_METRICS = {
     "loom_alerts_active",
     "loom_alert_transitions_total",
     "loom_monitor_dropped_total",
+    "loom_audit_stream_fill_ratio",
+    "loom_audit_skipped_total",
     "loom_monitor_buffer_items",
     "loom_monitor_buffer_limit",
     "nv_inference_request_success",
@@ -163,7 +165,9 @@ def test_every_contract_alert_exists_with_its_severity() -> None:
     for rule in alert_rules():
         severities.setdefault(rule["alert"], set()).add(rule["labels"]["severity"])
         assert rule["annotations"]["summary"] and rule["annotations"]["description"], rule["alert"]
-    assert severities == {name: {severity} for name, severity in ALERTS.items()}
+    expected = {name: {severity} for name, severity in ALERTS.items()}
+    expected["LoomAccuracyDrop"] = {"P2", "P1"}  # one alert, severity by size: > 5 points P2, > 10 points P1
+    assert severities == expected
 
 
 def test_saturation_alert_names_its_resource() -> None:

@@ -469,6 +469,30 @@ async def test_grpc_receiver_takes_spans_from_the_real_otlp_exporter() -> None:
         await server.stop(None)
 
 
+async def test_grpc_receiver_answers_invalid_argument_to_bytes_that_are_not_a_request() -> None:
+    """Garbage on the wire is the caller's mistake: INVALID_ARGUMENT saying so, never UNKNOWN; nothing stored."""
+    store = TraceStore()
+    server = grpc.aio.server()
+    TraceReceiver(store).add_to_server(server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            # Identity (de)serializers: the bytes go out exactly as written.
+            export = channel.unary_unary("/opentelemetry.proto.collector.trace.v1.TraceService/Export")
+            for garbage in (b"\x0a\xff\xff\xff\xff\x0f", b"\xff\x00garbage", b"\x0a\x05\x0a\x03\x0a"):
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await export(garbage, timeout=5)
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, garbage
+                assert "malformed OTLP ExportTraceServiceRequest" in (err.value.details() or "")
+            # The same raw channel still gets an answer for a well-formed request.
+            reply = await export(mesh_request().SerializeToString(), timeout=5)
+            assert ExportTraceServiceResponse.FromString(reply) == ExportTraceServiceResponse()
+        assert len(store) == 1
+    finally:
+        await server.stop(None)
+
+
 # --- OTLP/HTTP receiver -----------------------------------------------------------------------------------------
 
 

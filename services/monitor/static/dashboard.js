@@ -138,6 +138,11 @@
     if (opts.autoFloor && finite.length) {
       const min = Math.min(...finite);
       lo = Math.max(0, min - Math.max((hi - min) * 0.5, hi * 0.02));
+      if (hi === min) {  // one point, or a flat line: centre it rather than pin it to the top edge
+        const pad = Math.max(Math.abs(min) * 0.1, 0.01);
+        lo = Math.max(0, min - pad);
+        hi = min + pad;
+      }
     }
     if (hi <= lo) hi = lo + (lo ? Math.abs(lo) * 0.1 : 1);
     const step = niceStep(hi - lo, 4);
@@ -166,7 +171,8 @@
     return null;
   };
 
-  /* A line chart: figure > figcaption (title + legend) + svg.chart with one path.series per line.
+  /* A line chart: figure > figcaption (title + legend) + svg.chart with one .series element per line: a
+   * path.series from two points on, a circle.series (a dot) while a line has only one point.
    * opts: {key, title, series:[{key,name,color,points:[{t,v}]}], fmt(v)->text, scale, unit,
    *        refLines:[{v,label}], autoFloor, ceil, empty, width, height} */
   function lineChart(opts) {
@@ -178,7 +184,7 @@
     const scale = opts.scale || 1;
     const fmt = opts.fmt || ((v) => trimNum(v * scale));
     const series = opts.series.map((sr) => ({ ...sr, points: (sr.points || []).filter((p) => isNum(p.t)) }));
-    const drawable = series.filter((sr) => sr.points.filter((p) => isNum(p.v)).length >= 2);
+    const drawable = series.filter((sr) => sr.points.some((p) => isNum(p.v)));
 
     const times = [...new Set(series.flatMap((sr) => sr.points.map((p) => p.t)))].sort((a, b) => a - b);
     let t0 = times.length ? times[0] : Date.now() - 60000;
@@ -219,8 +225,12 @@
       );
     }
     for (const sr of drawable) {
-      root.append(s("path", { class: "series", "data-series": sr.key, d: pathFor(sr.points, x, y), stroke: sr.color }));
       const last = [...sr.points].reverse().find((p) => isNum(p.v));
+      if (sr.points.filter((p) => isNum(p.v)).length === 1) {
+        root.append(s("circle", { class: "series dot", "data-series": sr.key, cx: x(last.t), cy: y(last.v), r: 3.2, fill: sr.color }));
+        continue;
+      }
+      root.append(s("path", { class: "series", "data-series": sr.key, d: pathFor(sr.points, x, y), stroke: sr.color }));
       root.append(s("circle", { class: "last", cx: x(last.t), cy: y(last.v), r: 2.6, fill: sr.color }));
     }
     // Invisible columns, one per time, whose tooltip lists every series' value at that time.
@@ -260,7 +270,10 @@
       s("rect", { class: "band-bg stable", x: 0, y: y(0.1), width: W, height: H - y(0.1) }),
       s("line", { class: "band-line", "data-band": "0.2", x1: 0, x2: W, y1: y(0.2), y2: y(0.2) }),
       s("line", { class: "band-line", "data-band": "0.1", x1: 0, x2: W, y1: y(0.1), y2: y(0.1) }));
-    if (pts.length >= 2) {
+    if (pts.length === 1) {
+      root.append(s("circle", { class: "series dot", "data-series": "psi", cx: W / 2, cy: y(pts[0].psi), r: 2.6 }));
+      root.append(s("title", null, `${fmtClock(pts[0].t)}  PSI ${pts[0].psi.toFixed(3)}`));
+    } else if (pts.length >= 2) {
       const t0 = pts[0].t;
       const t1 = pts[pts.length - 1].t;
       const x = (t) => 2 + ((t - t0) / Math.max(t1 - t0, 1)) * (W - 6);
@@ -556,7 +569,7 @@
               a.drop_points > 5 ? "bad" : a.drop_points > 2 ? "warn" : "")))))),
         lineChart({
           key: "accuracy", title: "Accuracy over time", unit: "%", scale: 100, fmt: (v) => fmtPct(v), autoFloor: true, ceil: 1,
-          width: 600, height: 160, empty: "no feedback yet",
+          width: 600, height: 160, empty: "no judged answers over time yet",
           refLines: refs.map((v) => ({ v, label: `reference ${fmtPct(v)} %` })),
           series: rows.map((a, i) => ({
             key: `v${a.version}`, name: `${a.model} v${a.version}`, color: PALETTE[i % PALETTE.length],
