@@ -41,7 +41,7 @@ from limits.aio.strategies import SlidingWindowCounterRateLimiter
 from services.common import auth, metrics
 from services.common.access import Access, HttpHandler
 from services.common.auth import UNKNOWN, Role
-from services.common.errors import ResourceExhausted, http_body
+from services.common.errors import LoomError, ResourceExhausted, http_body
 from services.gateway.access import grpc_access, http_access
 from services.gateway.settings import GatewaySettings
 
@@ -227,11 +227,15 @@ def _tenant() -> str:
 # --- HTTP -----------------------------------------------------------------------------------------
 
 
-def http_refusal(request: web.Request, err: Overloaded) -> web.Response:
+def http_retry_later(request: web.Request, err: LoomError, status: int, retry_after_s: int) -> web.Response:
+    """``err`` as JSON with ``Retry-After``: Loom's error body, or KServe's shape under ``/v2``."""
     kserve = request.path == "/v2" or request.path.startswith("/v2/")
-    body: Any = {"error": err.message} if kserve else http_body(err)  # KServe's error shape under /v2
-    headers = {"Retry-After": str(err.retry_after)}
-    return web.json_response(body, status=HTTP_TOO_MANY_REQUESTS, headers=headers)
+    body: Any = {"error": err.message} if kserve else http_body(err)
+    return web.json_response(body, status=status, headers={"Retry-After": str(retry_after_s)})
+
+
+def http_refusal(request: web.Request, err: Overloaded) -> web.Response:
+    return http_retry_later(request, err, HTTP_TOO_MANY_REQUESTS, err.retry_after)
 
 
 def http_middleware(admission: Admission) -> Middleware:

@@ -35,11 +35,10 @@ from services.common.errors import (
     Unavailable,
     as_loom_error,
     grpc_status,
-    http_body,
     http_status,
 )
 from services.common.telemetry import extract
-from services.gateway.admission import Lane, grpc_lane, http_lane
+from services.gateway.admission import Lane, grpc_lane, http_lane, http_retry_later
 
 _tracer = trace.get_tracer("loom.gateway")
 log = logging.getLogger(__name__)
@@ -192,8 +191,6 @@ def not_ready_middleware(ready: Ready) -> Middleware:
         if http_lane(request.method, resource.canonical) is Lane.FREE or request.path in DOCUMENTS:
             return await handler(request)
         err = not_ready()
-        kserve = request.path == "/v2" or request.path.startswith("/v2/")
-        body: Any = {"error": err.message} if kserve else http_body(err)  # KServe's error shape under /v2
-        return web.json_response(body, status=http_status(err), headers={"Retry-After": "1"})
+        return http_retry_later(request, err, http_status(err), 1)
 
     return guard
