@@ -323,7 +323,10 @@ class Bus:
 
         self._subs.append(await self.nc.subscribe(subject, queue=queue, cb=on_msg, **limits))
 
-    async def _handle(self, msg: Msg, handler: MsgHandler, queue: str, label: str) -> None:
+    @contextlib.contextmanager
+    def consuming(self, msg: Msg, *, queue: str, label: str) -> Iterator[trace.Span]:
+        """One message handled: counted ``in`` under ``label`` and inside a CONSUMER span that continues
+        the sender's trace (its ``traceparent`` header). Subscriptions and durable pull workers alike."""
         metrics.MESSAGES.labels(self.service, label, "in").inc()
         attrs: dict[str, str | int] = {
             "messaging.system": "nats",
@@ -334,7 +337,13 @@ class Bus:
         }
         parent = extract(msg.headers)
         span_name = f"process {label if label == '_INBOX' else msg.subject}"
-        with self._tracer.start_as_current_span(span_name, context=parent, kind=SpanKind.CONSUMER, attributes=attrs):
+        with self._tracer.start_as_current_span(
+            span_name, context=parent, kind=SpanKind.CONSUMER, attributes=attrs
+        ) as span:
+            yield span
+
+    async def _handle(self, msg: Msg, handler: MsgHandler, queue: str, label: str) -> None:
+        with self.consuming(msg, queue=queue, label=label):
             try:
                 await handler(msg)
             except Exception:  # a handler bug must not kill the subscription

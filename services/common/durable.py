@@ -310,13 +310,15 @@ class PullWorker:
 
     async def _handle(self, msg: Msg) -> None:
         beat = asyncio.create_task(self._heartbeat(msg))
-        try:
-            await self.handler(msg)
-        except Exception:  # left unacked: JetStream delivers it again after ack_wait
-            log.exception("durable handler failed on %s", msg.subject)
-            metrics.ERRORS.labels(self.bus.service, "INTERNAL").inc()
-        finally:
-            beat.cancel()
+        # Counted under the consumer's filter subject (a bounded label), in the sender's trace.
+        with self.bus.consuming(msg, queue=self.durable, label=self.subject):
+            try:
+                await self.handler(msg)
+            except Exception:  # left unacked: JetStream delivers it again after ack_wait
+                log.exception("durable handler failed on %s", msg.subject)
+                metrics.ERRORS.labels(self.bus.service, "INTERNAL").inc()
+            finally:
+                beat.cancel()
 
     async def _heartbeat(self, msg: Msg) -> None:
         """Tell JetStream the message is being worked on, so ``ack_wait`` only runs out for a dead replica.

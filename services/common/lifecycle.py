@@ -58,6 +58,9 @@ class Runtime:
     pipelines: PipelineRegistry
     store: PipelineStore
     claims: ClaimCheck
+    #: The audit log this process writes to (refused calls, admin actions, rollout decisions): one per process,
+    #: so its read of the stream's fill is shared.
+    audit: AuditLog
     #: How the durable lane behaves; None when this replica takes no durable work (LOOM_DURABLE=false).
     lane: LaneSettings | None = None
 
@@ -75,6 +78,7 @@ class Runtime:
             ClaimCheck(
                 bus, service, settings.blob_bucket, ttl_s=settings.blob_ttl_s, threshold=settings.claim_check_bytes
             ),
+            AuditLog(bus, service=service),
             LaneSettings.from_settings(settings) if settings.durable else None,
         )
 
@@ -199,7 +203,7 @@ async def serve(service: Service) -> None:
 
     service.bind(rt)
     # A keys file that cannot be read or parsed stops the start here, before any port opens.
-    gate = Gate.from_settings(settings, AuditLog(rt.bus, service=name))
+    gate = Gate.from_settings(settings, rt.audit)
     table = service.access().served(open_metrics=settings.auth_open_metrics)
     interceptors = [AuthInterceptor(gate, table), *service.grpc_interceptors()]
     server = grpc.aio.server(options=service.grpc_options(), interceptors=interceptors)

@@ -20,6 +20,7 @@ import re
 
 from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
+from opentelemetry import trace
 
 from services.common import auth, durable, envelope, metrics
 from services.common.bus import Bus
@@ -87,6 +88,8 @@ class DurableFront:
         tenant = principal.tenant if principal is not None else ""
         request_id = request_id_for(tenant, idempotency_key) if idempotency_key else call.request_id
         request_id = request_id or envelope.new_request_id()
+        # Names the trace by the id the caller fetches with: `loomctl trace <request_id>` finds it.
+        trace.get_current_span().set_attribute("loom.request_id", request_id)
         existing = await self.results.find(request_id)
         if existing is not None and existing.tenant != tenant:
             raise AlreadyExists(f"request id {request_id!r} is taken; choose another")

@@ -45,7 +45,12 @@ def error_response(exc: Exception) -> web.Response:
 
 class GatewayHttp:
     def __init__(
-        self, core: GatewayCore, store: PipelineStore, settings: GatewaySettings, lane: DurableFront | None = None
+        self,
+        core: GatewayCore,
+        store: PipelineStore,
+        settings: GatewaySettings,
+        audit: AuditLog,
+        lane: DurableFront | None = None,
     ) -> None:
         self.core = core
         self.lane = lane
@@ -53,7 +58,7 @@ class GatewayHttp:
         self.max_body_bytes = settings.max_body_bytes
         self.max_input_bytes = settings.max_input_bytes
         #: PUT /v1/pipelines is an admin action: audited like those of the admin API.
-        self.audit = AuditLog(core.bus, service="gateway")
+        self.audit = audit
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_post(

@@ -49,6 +49,7 @@ class Gateway(Service):
         self._kserve: KServeDataPlane | None = None
         self._admin: AdminCore | None = None
         self._lane: DurableFront | None = None
+        self._audit: AuditLog | None = None
         # One for both ports: HTTP and gRPC calls share the in-flight limit and the tenants' rates.
         self.admission = Admission.from_settings(settings)
         #: Whether the runtime says ready (set in bind); until then every data-plane call is UNAVAILABLE.
@@ -67,8 +68,8 @@ class Gateway(Service):
         # KServe's ServerReady is the gateway's own readiness, as /readyz reports it.
         self._kserve = KServeDataPlane(self._core, lambda: rt.ready.is_set() and rt.bus.connected)
         registry = RegistryStore(rt.bus, self.gw.models_bucket, service=self.name)
-        audit = AuditLog(rt.bus, service=self.name)
-        self._admin = AdminCore(rt.bus, registry, audit, self.gw)
+        self._audit = rt.audit
+        self._admin = AdminCore(rt.bus, registry, rt.audit, self.gw)
 
     async def start(self, rt: Runtime) -> None:
         directory = self.gw.pipelines_dir or default_dir()
@@ -95,7 +96,7 @@ class Gateway(Service):
             await self._admin.registry.stop()
 
     def add_grpc(self, server: grpc.aio.Server) -> None:
-        assert self._kserve is not None and self._admin is not None, "bind() first"
+        assert self._kserve is not None and self._admin is not None and self._audit is not None, "bind() first"
         server.add_generic_rpc_handlers(
             (
                 GatewayGrpc(self.core, self._lane).handler(),
@@ -114,11 +115,11 @@ class Gateway(Service):
 
     def add_http(self, app: web.Application) -> None:
         assert self._store is not None, "bind() first"
-        assert self._kserve is not None and self._admin is not None, "bind() first"
+        assert self._kserve is not None and self._admin is not None and self._audit is not None, "bind() first"
         # After the runtime's authentication (the app's first middleware), before any handler reads a body.
         app.middlewares.append(not_ready_middleware(lambda: self._ready()))
         app.middlewares.append(admission_middleware(self.admission))
-        GatewayHttp(self.core, self._store, self.gw, self._lane).add_routes(app)
+        GatewayHttp(self.core, self._store, self.gw, self._audit, self._lane).add_routes(app)
         AdminHttp(self._admin).add_routes(app)
         KServeHttp(self._kserve, self.gw).add_routes(app)
 

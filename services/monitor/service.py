@@ -134,7 +134,7 @@ class Monitor(Service):
     @property
     def audit(self) -> AuditLog | None:
         """Where the monitor's admin routes record what they did: ``None`` until it has started (no bus)."""
-        return AuditLog(self._rt.bus, service=self.name) if self._rt is not None else None
+        return self._rt.audit if self._rt is not None else None
 
     # -- life cycle ---------------------------------------------------------
     async def start(self, rt: Runtime) -> None:
@@ -165,11 +165,10 @@ class Monitor(Service):
     async def _start_rollouts(self, rt: Runtime) -> None:
         self.registry = RegistryStore(rt.bus, self.ms.models_bucket, service=self.name)
         await self.registry.start(watch=True)
-        audit = AuditLog(rt.bus, service=self.name)
-        await audit.start()
+        await rt.audit.start()
         self.rollouts = RolloutController(
             self.registry,
-            audit,
+            rt.audit,
             self.versions,
             self.accuracy,
             alert_hold_s=self.ms.rollback_alert_hold_s,

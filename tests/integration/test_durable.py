@@ -90,6 +90,22 @@ def test_a_multimodal_request_is_fused_from_parts_that_travel_the_durable_lane_a
     assert sum(gateway_pb2.Result.FromString(m.data).request_id == accepted["request_id"] for m in published) == 1
 
 
+def test_a_durable_request_is_one_trace_found_by_its_request_id(mesh: Mesh) -> None:
+    """Submit, ingress, every stage's pull worker and fusion continue one trace, named by the request id."""
+    status, accepted = _submit(mesh, "embed", {"inputs": {"text": _text(11)}})
+    assert status == 202, accepted
+    assert _result(mesh, accepted["request_id"])["state"] == "DONE"
+    chain = {"gateway", "preprocess", "inference", "postprocess", "fusion"}
+
+    def joined() -> dict[str, Any] | None:
+        status, body = http_json(f"{mesh.monitor_http}/v1/traces/{accepted['request_id']}")
+        return body if status == 200 and chain <= set(body["services"]) else None
+
+    trace = eventually(joined, timeout=15, interval=0.5)
+    names = [span["name"] for span in trace["spans"]]
+    assert any(name.startswith("process loom.work.") for name in names), names
+
+
 def test_an_idempotency_key_makes_a_retried_submit_the_same_request(mesh: Mesh) -> None:
     key = f"order-{uuid.uuid4().hex[:8]}"
     first = _submit(mesh, "embed", {"inputs": {"text": _text(2)}}, **{"Idempotency-Key": key})[1]

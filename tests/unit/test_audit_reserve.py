@@ -42,7 +42,7 @@ class FakeJs:
 
 
 def log_on(js: FakeJs, clock: list[float]) -> AuditLog:
-    bus = SimpleNamespace(nc=SimpleNamespace(jetstream=lambda: js))
+    bus = SimpleNamespace(js=js)
     return AuditLog(cast(Any, bus), service="gateway", clock=lambda: clock[0])
 
 

@@ -198,8 +198,8 @@ async def test_a_malformed_multipart_body_is_invalid_argument_not_internal() -> 
     # A part header that is not a valid HTTP header (a control character in the field name) made
     # aiohttp's multipart reader raise InvalidHeader, which the edge answered as 500 INTERNAL.
     app = web.Application()
-    core = SimpleNamespace(record=lambda *args: None, bus=None)  # the body is refused before the core is asked
-    GatewayHttp(cast(Any, core), cast(Any, None), GatewaySettings()).add_routes(app)
+    core = SimpleNamespace(record=lambda *args: None)  # the body is refused before the core is asked
+    GatewayHttp(cast(Any, core), cast(Any, None), GatewaySettings(), cast(Any, None)).add_routes(app)
     boundary = "b0undary"
     bad_header = b'--b0undary\r\nContent-Disposition: form-data; name="a\x0cb"\r\n\r\nx\r\n--b0undary--\r\n'
     wrong_boundary = b"--other\r\nContent-Disposition: form-data; name=text\r\n\r\nx\r\n--other--\r\n"

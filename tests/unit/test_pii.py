@@ -424,7 +424,7 @@ async def test_audit_entries_are_masked() -> None:
         def __str__(self) -> str:
             return f"stamp {PHONE}"
 
-    bus = SimpleNamespace(nc=SimpleNamespace(jetstream=lambda: _Js()))
+    bus = SimpleNamespace(js=_Js())
     audit = AuditLog(bus, service="gateway")  # type: ignore[arg-type]
     await audit.append(
         "rollout.pause",
