@@ -17,12 +17,13 @@ import logging
 from pathlib import Path
 
 from nats.js.api import KeyValueConfig
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 from prometheus_client import Counter
 
 from services.common.bus import Bus
-from services.common.errors import InvalidArgument, Unavailable
+from services.common.errors import InvalidArgument
+from services.common.kv_follow import BucketFollower, open_bucket
 from services.common.pipelines import PipelineRegistry, PipelineSpec, load_dir, parse_spec, to_yaml
 
 log = logging.getLogger(__name__)
@@ -49,31 +50,14 @@ class PipelineStore:
         self.bucket = bucket
         self.registry = registry
         self._kv: KeyValue | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._initial = asyncio.Event()
+        self._follower: BucketFollower | None = None
 
     async def start(self) -> None:
         """Open the bucket (creating it if missing and allowed), load what it holds and follow changes."""
         js = self.bus.nc.jetstream()
-        try:
-            self._kv = await js.key_value(self.bucket)
-        except BucketNotFoundError:
-            try:
-                self._kv = await js.create_key_value(bucket_config(self.bucket))
-            except Exception as exc:  # least privilege: provisioning makes the buckets
-                raise Unavailable(
-                    f"KV bucket {self.bucket!r} is missing: {exc} (run services.common.provision)"
-                ) from exc
-        watcher = await self._kv.watchall()
-        self._task = asyncio.create_task(self._follow(watcher), name=f"{self.service}-pipelines")
-        await asyncio.wait_for(self._initial.wait(), timeout=10.0)
-
-    async def _follow(self, watcher: KeyValue.KeyWatcher) -> None:
-        async for entry in watcher:
-            if entry is None:  # the end of what the bucket held at start
-                self._initial.set()
-                continue
-            self._on_entry(entry.key, entry.value, entry.operation, entry.revision)
+        self._kv = await open_bucket(js, bucket_config(self.bucket))
+        self._follower = BucketFollower(js, self._kv, self.bucket, self._on_entry, name=f"{self.service}-pipelines")
+        await self._follower.start()
 
     def _on_entry(self, key: str, value: bytes | None, operation: str | None, revision: int | None) -> None:
         if operation in (KV_DEL, KV_PURGE):
@@ -140,7 +124,5 @@ class PipelineStore:
                 await asyncio.sleep(0.01)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        if self._follower is not None:
+            await self._follower.stop()

@@ -13,20 +13,20 @@ good record stays in force.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
 from collections.abc import Callable
 
 from nats.js.api import KeyValueConfig
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 from prometheus_client import Counter
 from pydantic import ValidationError
 
 from services.common.bus import Bus
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from services.common.kv_follow import BucketFollower, bucket_keys, open_bucket
 from services.common.registry.schema import MODEL_NAME, ModelRecord
 
 log = logging.getLogger(__name__)
@@ -88,27 +88,16 @@ class RegistryStore:
         self.records: dict[str, ModelRecord] = {}
         self._callbacks: list[ChangeCallback] = []
         self._kv: KeyValue | None = None
-        self._watcher: KeyValue.KeyWatcher | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._initial = asyncio.Event()
+        self._follower: BucketFollower | None = None
 
     async def start(self, *, watch: bool = True) -> None:
         """Open the bucket (made if missing, where allowed); with ``watch``, load every record and follow changes."""
         js = self.bus.nc.jetstream()
-        try:
-            self._kv = await js.key_value(self.bucket)
-        except BucketNotFoundError:
-            try:
-                self._kv = await js.create_key_value(bucket_config(self.bucket))
-            except Exception as exc:  # least privilege: provisioning makes the buckets
-                raise Unavailable(
-                    f"KV bucket {self.bucket!r} is missing: {exc} (run services.common.provision)"
-                ) from exc
+        self._kv = await open_bucket(js, bucket_config(self.bucket))
         if not watch:
             return
-        self._watcher = await self._kv.watchall()
-        self._task = asyncio.create_task(self._follow(self._watcher), name=f"{self.service}-registry")
-        await asyncio.wait_for(self._initial.wait(), timeout=10.0)
+        self._follower = BucketFollower(js, self._kv, self.bucket, self._on_entry, name=f"{self.service}-registry")
+        await self._follower.start()
 
     def on_change(self, callback: ChangeCallback) -> None:
         """Call ``callback(model, record)`` on every accepted change (``None``: the model was deleted).
@@ -122,13 +111,6 @@ class RegistryStore:
         if self._kv is None:
             raise Unavailable("the model registry is not open yet (RegistryStore.start() first)")
         return self._kv
-
-    async def _follow(self, watcher: KeyValue.KeyWatcher) -> None:
-        async for entry in watcher:
-            if entry is None:  # the end of what the bucket held at start
-                self._initial.set()
-                continue
-            self._on_entry(entry.key, entry.value, entry.operation, entry.revision)
 
     def _on_entry(self, key: str, value: bytes | None, operation: str | None, revision: int | None) -> None:
         if operation in (KV_DEL, KV_PURGE):
@@ -187,15 +169,12 @@ class RegistryStore:
         if MODEL_NAME.match(model):
             rec, _ = await self._read(model)
         if rec is None:
-            names = await self._keys()
+            names = [r.name for r in await self.list()]
             raise NotFound(f"model {model!r} is not registered; registered models: {self._registered(names)}")
         return rec
 
     async def _keys(self) -> list[str]:
-        try:
-            return list(await self.kv.keys())
-        except NoKeysError:
-            return []
+        return await bucket_keys(self.bus.nc.jetstream(), self.bucket)
 
     async def list(self) -> list[ModelRecord]:
         """Every valid stored record, by name (invalid values are skipped with a log line)."""
@@ -256,12 +235,5 @@ class RegistryStore:
 
     async def stop(self) -> None:
         """Stop following the bucket; safe to call twice."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        if self._watcher is not None:
-            with contextlib.suppress(Exception):
-                await self._watcher.stop()  # type: ignore[no-untyped-call]
-            self._watcher = None
+        if self._follower is not None:
+            await self._follower.stop()
