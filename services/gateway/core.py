@@ -153,8 +153,11 @@ class GatewayCore:
     def _observe(self, call: PredictCall, response: gateway_pb2.PredictResponse | None, elapsed_ms: float) -> None:
         """``loom_stage_duration_seconds{stage="gateway"}``: the whole call, with the models that answered it."""
         model, version = answer_models(response) if response is not None else ("", "")
-        label = self.pipelines.metric_label(call.pipeline)
-        metrics.STAGE_DURATION.labels("gateway", "gateway", label, model, version).observe(elapsed_ms / 1000.0)
+        self.observe_stage("gateway", self.pipelines.metric_label(call.pipeline), model, version, elapsed_ms)
+
+    def observe_stage(self, stage: str, label: str, model: str, version: str, elapsed_ms: float) -> None:
+        """One ``loom_stage_duration_seconds`` sample of the gateway (``label``: a pipeline, ``model:<name>``)."""
+        metrics.STAGE_DURATION.labels("gateway", stage, label, model, version).observe(elapsed_ms / 1000.0)
 
     async def _report(
         self, call: PredictCall, response: gateway_pb2.PredictResponse | None, elapsed_ms: float, code: str

@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import logging
 import re
+import time
 
 from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
@@ -81,7 +82,18 @@ class DurableFront:
         return call.timeout_ms or gw.durable_timeout_ms
 
     async def submit(self, call: PredictCall, idempotency_key: str = "") -> gateway_pb2.SubmitResponse:
-        """Accept ``call`` into the durable lane; returns once JetStream has stored it."""
+        """Accept ``call`` into the durable lane; returns once JetStream has stored it.
+
+        Timed as ``stage="gateway.submit"``: the acceptance only, as the answer comes later.
+        """
+        started = time.perf_counter()
+        try:
+            return await self._submit(call, idempotency_key)
+        finally:
+            label = self.core.pipelines.metric_label(call.pipeline)
+            self.core.observe_stage("gateway.submit", label, "", "", (time.perf_counter() - started) * 1000.0)
+
+    async def _submit(self, call: PredictCall, idempotency_key: str) -> gateway_pb2.SubmitResponse:
         spec, _ = self.core.validate(dataclasses.replace(call, timeout_ms=0, transport_remaining_s=None))
         timeout_ms = self._timeout_ms(call)
         principal = auth.current()

@@ -143,7 +143,15 @@ class KServeDataPlane:
         if isinstance(target, PipelineSpec):
             response = await self.core.predict(call_from_request(target, req, remaining_s))
             return pipeline_result(req, response)
-        return await self._infer_model(target, req, remaining_s)
+        started, version = time.perf_counter(), ""
+        try:
+            result = await self._infer_model(target, req, remaining_s)
+            version = result.version
+            return result
+        finally:  # a direct model call is timed as the gateway stage of pipeline "model:<name>"
+            elapsed_ms = (time.perf_counter() - started) * 1000.0
+            model = target.name if version else ""  # as for a pipeline: empty when the call failed
+            self.core.observe_stage("gateway", f"model:{target.name}", model, version, elapsed_ms)
 
     async def _infer_model(self, model: ModelEntry, req: InferRequest, remaining_s: float | None) -> InferResult:
         if req.version and req.version not in model.versions:

@@ -60,8 +60,11 @@ async def _stream_messages(url: str, subject: str) -> list[Any]:
 
 
 def test_submit_returns_at_once_and_the_answer_arrives_in_results_and_on_loom_res(mesh: Mesh) -> None:
+    timed = {"stage": "gateway.submit", "pipeline": "embed"}
+    timed_before = metric(mesh.gateway_http, "loom_stage_duration_seconds_count", **timed)
     status, accepted = _submit(mesh, "embed", {"inputs": {"text": _text(1)}})
     assert status == 202, accepted
+    assert metric(mesh.gateway_http, "loom_stage_duration_seconds_count", **timed) == timed_before + 1
     assert accepted["duplicate"] is False and accepted["result"] == f"/v1/results/{accepted['request_id']}"
     body = _result(mesh, accepted["request_id"])
     assert body["state"] == "DONE", body

@@ -180,6 +180,8 @@ def test_minilm_direct_matches_the_pipeline(
     client, module = (g, grpcclient) if transport == "grpc" else (h, httpclient)
     counted = {"pipeline": "model:minilm", "protocol": f"kserve-{transport}", "code": "OK"}
     before = metric(mesh.gateway_http, "loom_requests_total", **counted)
+    timed = {"stage": "gateway", "pipeline": "model:minilm", "model": "minilm", "version": "1"}
+    timed_before = metric(mesh.gateway_http, "loom_stage_duration_seconds_count", **timed)
     text = "A man is playing a guitar on the stage."
     pipeline = client.infer("embed", [texts(module, "text", text.encode())]).as_numpy("embedding")
     result = client.infer("minilm", token_inputs(module, text), parameters={"bypass_cache": True})
@@ -198,6 +200,8 @@ def test_minilm_direct_matches_the_pipeline(
     assert batch.shape == (2, 384) and cosine(batch[1], pipeline) > 0.999
     # Direct model calls have a metric label of their own.
     assert metric(mesh.gateway_http, "loom_requests_total", **counted) == before + 2
+    # ... and are timed as the gateway stage, with the version that answered.
+    assert metric(mesh.gateway_http, "loom_stage_duration_seconds_count", **timed) == timed_before + 2
 
 
 def test_unknown_model_is_not_found(g: grpcclient.InferenceServerClient, h: httpclient.InferenceServerClient) -> None:

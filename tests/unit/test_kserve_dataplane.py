@@ -28,6 +28,11 @@ class FakeCore:
         self.settings = GatewaySettings()
         self.models = models
         self.calls: list[tuple[str, dict[str, pb.Tensor], int, str]] = []
+        self.timed: list[tuple[str, str, str, str]] = []  # (stage, pipeline label, model, version)
+
+    def observe_stage(self, stage: str, label: str, model: str, version: str, elapsed_ms: float) -> None:
+        assert elapsed_ms >= 0
+        self.timed.append((stage, label, model, version))
 
     async def model_query(self, op: str, model: str) -> bytes:
         if op == "list":
@@ -92,6 +97,7 @@ async def test_a_batch_becomes_one_part_per_row() -> None:
     assert [list(t["x"].shape) for _, t, _, _ in core.calls] == [[2]] * 3
     assert {c[2] for c in core.calls} == {2500} and {c[3] for c in core.calls} == {""}  # 3 rows: Loom's own ids
     assert res.id == "caller-1"
+    assert core.timed == [("gateway", "model:minilm", "minilm", "1")]  # one call, one sample
 
     core.calls.clear()
     await dp.infer(InferRequest("minilm", id="caller-1", inputs=[ints("x", [[1, 2]])]))
@@ -105,7 +111,7 @@ async def test_an_unbatched_model_gets_its_tensors_as_sent() -> None:
 
 
 async def test_infer_refusals() -> None:
-    dp, _ = plane()
+    dp, core = plane()
     one = [ints("x", [[1]])]
     with pytest.raises(NotFound, match="no ready version '3'"):
         await dp.infer(InferRequest("minilm", version="3", inputs=one))
@@ -115,6 +121,8 @@ async def test_infer_refusals() -> None:
         await dp.infer(InferRequest("minilm", inputs=[ints("x", [[1]] * 65)]))
     with pytest.raises(DeadlineExceeded):
         await dp.infer(InferRequest("minilm", inputs=one), remaining_s=0.0)
+    # Refused calls of a known model are timed too, with no model or version (none answered).
+    assert core.timed == [("gateway", "model:minilm", "", "")] * 4
     unready, _ = plane(ready=False)
     with pytest.raises(Unavailable, match="not ready"):
         await unready.infer(InferRequest("embed"))
