@@ -22,6 +22,7 @@ from nats.js.errors import NotFoundError as JsNotFound
 from nats.js.kv import KeyValue
 
 from services.common import durable, metrics
+from services.common.answers import DURABLE_ANSWER_STAGE, answer_models, top_label
 from services.common.bus import Bus
 from services.common.events import TelemetryPublisher
 from services.common.pb.loom.v1 import envelope_pb2 as pb
@@ -107,6 +108,8 @@ class DurableFusion:
             result.accepted_unix_ms = known.accepted_unix_ms if known is not None else 0
             fresh = await self.results.answer(result)
             metrics.DURABLE.labels(self.service, STAGE, "answered" if fresh else "duplicate").inc()
+            if fresh:
+                await self._report(result)
             if len(ids) > 1:
                 await self._forget(part.request_id, ids)
         await msg.ack()
@@ -120,6 +123,26 @@ class DurableFusion:
             code=part.error.code if part.HasField("error") else "OK",
         )
         return None
+
+    async def _report(self, result: gateway_pb2.Result) -> None:
+        """The answer's telemetry (``stage="loom.res"``), so the monitor joins feedback to durable answers too.
+
+        Its duration is the request's whole stay in the lane, accepted to answered; the monitor keeps
+        it out of the SLOs, which are about calls a client waits on.
+        """
+        model, version = answer_models(result.response)
+        code = result.error.code if result.HasField("error") else "DEGRADED" if result.response.degraded else "OK"
+        accepted = result.accepted_unix_ms
+        await self.telemetry.emit(
+            DURABLE_ANSWER_STAGE,
+            pipeline=result.pipeline,
+            request_id=result.request_id,
+            duration_ms=float(max(result.finished_unix_ms - accepted, 0)) if accepted else 0.0,
+            code=code or "UNKNOWN",
+            outcome=top_label(result.response),
+            model=model,
+            model_version=version,
+        )
 
     def _key(self, request_id: str, part_id: str) -> str:
         return f"{request_id}.{part_id}"

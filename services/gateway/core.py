@@ -19,6 +19,7 @@ from nats.aio.msg import Msg
 from opentelemetry import trace
 
 from services.common import envelope, media, metrics, subjects
+from services.common.answers import answer_models, top_label
 from services.common.bus import Bus
 from services.common.claims import ClaimCheck
 from services.common.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, as_loom_error, from_proto
@@ -331,28 +332,3 @@ class GatewayCore:
         """Ask the inference service about a model (``metadata``, ``ready``, ``list``); raw reply bytes."""
         reply = await self.bus.request(subjects.model_query(op), model.encode(), timeout=timeout_s, retry=NO_RESPONDERS)
         return bytes(reply.data)
-
-
-def answer_models(response: gateway_pb2.PredictResponse) -> tuple[str, str]:
-    """The models behind an answer and their versions, e.g. ("minilm", "1") or ("minilm+ocr", "1+2")."""
-    served: dict[str, str] = {}
-    for out in response.outputs.values():
-        kind = out.WhichOneof("kind")
-        if kind is not None:
-            inner = getattr(out, kind)
-            if inner.model:
-                served.setdefault(inner.model, inner.model_version)
-    names = sorted(served)
-    return "+".join(names), "+".join(served[n] for n in names)
-
-
-def top_label(response: gateway_pb2.PredictResponse) -> str:
-    """The answer's best label: the fused topics, else the first output's own labels."""
-    if response.topics:
-        return response.topics[0].label
-    for name in sorted(response.outputs):
-        out = response.outputs[name]
-        labels = out.text.labels if out.HasField("text") else out.image.topics if out.HasField("image") else []
-        if labels:
-            return labels[0].label
-    return ""

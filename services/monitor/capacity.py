@@ -33,6 +33,8 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 
+from services.common.answers import DURABLE_ANSWER_STAGE
+
 #: The services that do a stage's work (the monitor itself is not one).
 STAGE_SERVICES = ("gateway", "preprocess", "inference", "postprocess", "fusion")
 
@@ -53,8 +55,9 @@ DEFAULT_CONCURRENCY: dict[str, float] = {
     "postprocess": 1.0,
     "fusion": 16.0,
 }
-#: Telemetry stages that are not work a replica of the stage service was asked for: shadow copies run on the side.
-_NOT_WORK = ("loom.shadow.",)
+#: Telemetry stages that are not work a replica of the stage service was asked for: shadow copies run on the
+#: side, and a durable answer's event (fusion's) spans the request's whole stay in the lane.
+_NOT_WORK = ("loom.shadow.", DURABLE_ANSWER_STAGE)
 #: Shortest span a rate is computed over: right after the monitor starts a handful of events is no rate yet.
 MIN_SPAN_MS = 1000
 _BUCKET_MS = 1000

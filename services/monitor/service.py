@@ -28,6 +28,7 @@ from prometheus_client import REGISTRY, Counter, Histogram
 
 from services.common import metrics, subjects
 from services.common.access import AccessTable
+from services.common.answers import DURABLE_ANSWER_STAGE
 from services.common.audit import AuditLog
 from services.common.envelope import now_ms
 from services.common.lifecycle import Runtime, Service
@@ -229,6 +230,10 @@ class Monitor(Service):
                     "monitor record", context=extract(headers), attributes={"loom.pipeline": event.pipeline}
                 ):
                     pass
+        elif event.stage == DURABLE_ANSWER_STAGE:
+            # A durable answer: joinable with feedback; not in the SLOs (nobody waited on the call).
+            if code == "OK" and event.request_id:
+                self.answers.add(event.pipeline, event.request_id, event.model, event.model_version, event.outcome, t)
         elif code != "OK":
             return
         elif event.pipeline.startswith(INTERNAL_PREFIX):

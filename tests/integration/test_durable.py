@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import os
 import random
 import signal
@@ -15,11 +16,13 @@ from typing import Any
 import grpc
 import nats
 import pytest
+import yaml
 from nats.js.api import DeliverPolicy
 
 from services.common import durable
 from services.common.launch.mesh import Mesh
 from services.common.pb.loom.v1 import gateway_pb2, gateway_pb2_grpc
+from services.common.settings import CommonSettings
 from tests.media import sentence, text_image, tone_wav
 from tests.support import eventually, gateway_channel, http_json, metric
 
@@ -107,6 +110,58 @@ def test_a_durable_request_is_one_trace_found_by_its_request_id(mesh: Mesh) -> N
     trace = eventually(joined, timeout=15, interval=0.5)
     names = [span["name"] for span in trace["spans"]]
     assert any(name.startswith("process loom.work.") for name in names), names
+
+
+def test_feedback_joins_a_durable_answer(mesh: Mesh) -> None:
+    """Fusion reports a durable answer to the monitor, so ground truth for it counts in accuracy."""
+    pipeline = "embed_durable_fb"  # its own pipeline: the shared ones' accuracy counts are other tests' business
+    status, spec = http_json(f"{mesh.gateway_http}/v1/pipelines/embed")
+    assert status == 200, spec
+    status, body = http_json(
+        f"{mesh.gateway_http}/v1/pipelines/{pipeline}",
+        raw=yaml.safe_dump({**spec, "name": pipeline}).encode(),
+        method="PUT",
+    )
+    assert status == 200, body
+    try:
+        status, accepted = _submit(mesh, pipeline, {"inputs": {"text": _text(12)}})
+        assert status == 202, accepted
+        answer = _result(mesh, accepted["request_id"])
+        assert answer["state"] == "DONE", answer
+        label = answer["response"]["outputs"]["text"]["labels"][0]["label"]
+        feedback = json.dumps({"pipeline": pipeline, "request_id": accepted["request_id"], "label": label}).encode()
+
+        async def judged() -> str:
+            """Feedback as a NATS request, until the monitor has the answer's telemetry (it travels apart)."""
+            nc = await nats.connect(mesh.nats_url)
+            try:
+                async with asyncio.timeout(20):
+                    while True:
+                        reply = json.loads((await nc.request(f"loom.fb.{pipeline}", feedback, timeout=5)).data)
+                        if reply["result"] != "unknown_request":
+                            return str(reply["result"])
+                        await asyncio.sleep(0.2)
+            finally:
+                await nc.close()
+
+        assert asyncio.run(judged()) == "joined"
+
+        def counted() -> list[tuple[str, int, float]] | None:
+            rows = http_json(f"{mesh.monitor_http}/v1/accuracy")[1]["accuracy"]
+            ours = [(r["model"], r["samples"], r["accuracy"]) for r in rows if r["pipeline"] == pipeline]
+            return ours or None
+
+        assert eventually(counted, timeout=20, interval=0.5) == [("minilm", 1, 1.0)]
+    finally:
+        asyncio.run(_delete_spec(mesh.nats_url, pipeline))
+
+
+async def _delete_spec(url: str, name: str) -> None:
+    nc = await nats.connect(url)
+    try:
+        await (await nc.jetstream().key_value(CommonSettings().pipelines_bucket)).delete(name)
+    finally:
+        await nc.close()
 
 
 def test_an_idempotency_key_makes_a_retried_submit_the_same_request(mesh: Mesh) -> None:
