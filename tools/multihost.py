@@ -37,7 +37,8 @@ from services.common.launch.mesh import DEFAULT_PORTS, Mesh, grpc_serving
 from services.common.launch.nats_server import LOOM_CONF, NatsServer, login_env, new_passwords
 from services.common.launch.procs import ManagedProcess, ProcessExited, wait_until
 from services.common.triton_server import TritonServer, repository_models
-from tools.chaos import count_results, count_stream, provision, wait_answers
+from tools.chaos import provision
+from tools.durable_load import count_results, count_stream, wait_answers
 from tools.multihost_traffic import STAGES, Report, Traffic, kv_states, tally
 from tools.netns import Host, Network
 

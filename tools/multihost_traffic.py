@@ -20,7 +20,7 @@ import nats
 from services.common import durable
 from services.common.pb.loom.v1 import gateway_pb2, gateway_pb2_grpc
 from services.monitor.capacity import STAGE_SERVICES
-from tools.chaos import account, submit_request
+from tools.durable_load import account, submit_request
 
 STAGES = STAGE_SERVICES
 T = TypeVar("T")
