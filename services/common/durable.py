@@ -31,8 +31,6 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import BucketNotFoundError
-from nats.js.kv import KeyValue
 
 from services.common import metrics
 from services.common.bus import Bus
@@ -172,16 +170,6 @@ def bucket_configs(lane: LaneSettings) -> list[KeyValueConfig]:
         KeyValueConfig(bucket=RESULTS_BUCKET, history=1, ttl=lane.results_ttl_s, replicas=lane.replicas),
         KeyValueConfig(bucket=FUSION_BUCKET, history=1, ttl=lane.fusion_ttl_s, replicas=lane.replicas),
     ]
-
-
-async def open_bucket(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
-    """Bind ``config.bucket``; make it first if it is missing (a NATS without provisioning)."""
-    try:
-        return await js.key_value(config.bucket or "")
-    except BucketNotFoundError:
-        with contextlib.suppress(Exception):  # a replica starting at the same moment made it
-            await js.create_key_value(config)
-        return await js.key_value(config.bucket or "")
 
 
 def bucket(lane: LaneSettings, name: str) -> KeyValueConfig:

@@ -1,4 +1,4 @@
-"""Following a JetStream KV bucket from what it holds now, and listing its keys, without nats-py's race.
+"""Opening, following and listing JetStream KV buckets; following and listing without nats-py's race.
 
 nats-py (2.16) marks "the bucket's current contents are delivered" by comparing the
 watch consumer's ``num_pending`` with the messages its subscription has read so far.
@@ -32,15 +32,23 @@ EntryFn = Callable[[str, bytes | None, str | None, int | None], None]
 
 
 async def open_bucket(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
-    """The bucket ``config.bucket``, made from ``config`` if missing (where this user may make it)."""
-    assert config.bucket is not None
+    """The bucket ``config.bucket``, made from ``config`` if missing (where this user may make it).
+
+    Unavailable, naming the fix, when it is missing and this user may not make it (least
+    privilege: provisioning makes the buckets).
+    """
+    name = config.bucket or ""
     try:
-        return await js.key_value(config.bucket)
+        return await js.key_value(name)
     except BucketNotFoundError:
-        try:
-            return await js.create_key_value(config)
-        except Exception as exc:  # least privilege: provisioning makes the buckets
-            raise Unavailable(f"KV bucket {config.bucket!r} is missing: {exc} (run services.common.provision)") from exc
+        pass
+    try:
+        return await js.create_key_value(config)
+    except Exception as exc:
+        try:  # a replica starting at the same moment may have made it
+            return await js.key_value(name)
+        except BucketNotFoundError:
+            raise Unavailable(f"KV bucket {name!r} is missing: {exc} (run services.common.provision)") from exc
 
 
 async def bucket_keys(js: JetStreamContext, bucket: str) -> list[str]:

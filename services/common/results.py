@@ -21,6 +21,7 @@ from nats.js.kv import KeyValue
 from services.common import durable, envelope
 from services.common.bus import Bus
 from services.common.errors import NotFound, Unavailable
+from services.common.kv_follow import open_bucket
 from services.common.pb.loom.v1 import gateway_pb2
 from services.common.telemetry import inject
 
@@ -43,7 +44,7 @@ class ResultStore:
         self._kv: KeyValue | None = None
 
     async def start(self) -> None:
-        self._kv = await durable.open_bucket(self.bus.js, durable.bucket(self.lane, durable.RESULTS_BUCKET))
+        self._kv = await open_bucket(self.bus.js, durable.bucket(self.lane, durable.RESULTS_BUCKET))
 
     @property
     def kv(self) -> KeyValue:

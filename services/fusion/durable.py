@@ -25,6 +25,7 @@ from services.common import durable, metrics
 from services.common.answers import DURABLE_ANSWER_STAGE, answer_models, top_label
 from services.common.bus import Bus
 from services.common.events import TelemetryPublisher
+from services.common.kv_follow import open_bucket
 from services.common.pb.loom.v1 import envelope_pb2 as pb
 from services.common.pb.loom.v1 import gateway_pb2
 from services.common.pipelines import PipelineRegistry
@@ -70,7 +71,7 @@ class DurableFusion:
 
     async def start(self) -> None:
         await self.results.start()
-        self._parts = await durable.open_bucket(self.bus.js, durable.bucket(self.lane, durable.FUSION_BUCKET))
+        self._parts = await open_bucket(self.bus.js, durable.bucket(self.lane, durable.FUSION_BUCKET))
         subject = durable.work_subject("loom.fuse.>")
         await durable.PullWorker(self.bus, durable.WORK_STREAM, subject, self.on_part, self.lane, durable=STAGE).start()
 

@@ -23,6 +23,7 @@ from nats.js.api import KeyValueConfig
 from nats.js.kv import KeyValue
 from prometheus_client import Counter
 
+from services.common.kv_follow import open_bucket
 from services.common.pb.loom.v1 import envelope_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -101,13 +102,8 @@ class ResultCache:
             return
         js = nc.jetstream()
         try:
-            try:
-                self._kv = await js.key_value(self.bucket)
-            except nats.js.errors.BucketNotFoundError:
-                # Replicas may race here: creating an identical stream twice is accepted.
-                self._kv = await js.create_key_value(
-                    KeyValueConfig(bucket=self.bucket, history=1, ttl=self.ttl_s, direct=True)
-                )
+            config = KeyValueConfig(bucket=self.bucket, history=1, ttl=self.ttl_s, direct=True)
+            self._kv = await open_bucket(js, config)
         except Exception as exc:  # no JetStream, no permission, ...: serve without a cache
             log.warning("result cache bucket %r unavailable, serving without it: %s", self.bucket, exc)
 
