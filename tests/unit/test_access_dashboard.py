@@ -16,6 +16,7 @@ from aiohttp import web
 
 from tests.browser import Chromium
 from tests.dashboard_fixture import build_dashboard
+from tests.loopback import serve_http
 
 pytestmark = pytest.mark.unit
 
@@ -55,14 +56,9 @@ def make_app(monitor: Monitor) -> web.Application:
 @pytest.fixture
 async def monitor() -> AsyncIterator[Monitor]:
     fake = Monitor()
-    runner = web.AppRunner(make_app(fake))
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    fake.url = f"http://127.0.0.1:{runner.addresses[0][1]}/"
-    try:
+    async with serve_http(make_app(fake)) as port:
+        fake.url = f"http://127.0.0.1:{port}/"
         yield fake
-    finally:
-        await runner.cleanup()
 
 
 async def enter_key(browser: Chromium, key: str) -> None:

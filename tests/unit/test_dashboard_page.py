@@ -19,6 +19,7 @@ from aiohttp import web
 
 from tests.browser import Chromium
 from tests.dashboard_fixture import REQUEST_ID, TRACE_ID, alert, build_dashboard, build_trace
+from tests.loopback import serve_http
 
 pytestmark = pytest.mark.unit
 
@@ -72,16 +73,9 @@ def make_app(monitor: FakeMonitor) -> web.Application:
 async def monitor() -> AsyncIterator[FakeMonitor]:
     fake = FakeMonitor()
     fake.traces[TRACE_ID] = build_trace()
-    runner = web.AppRunner(make_app(fake))
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    fake.url = f"http://127.0.0.1:{port}/"
-    try:
+    async with serve_http(make_app(fake)) as port:
+        fake.url = f"http://127.0.0.1:{port}/"
         yield fake
-    finally:
-        await runner.cleanup()
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ from services.monitor.alerts import AlertBook, condition
 from services.monitor.notify import Notifier
 from services.monitor.service import Monitor
 from services.monitor.settings import MonitorSettings
+from tests.loopback import serve_http
 
 pytestmark = pytest.mark.unit
 
@@ -132,16 +133,12 @@ async def hook() -> AsyncIterator[StalledHook]:
 
     app = web.Application()
     app.router.add_post("/hook", post)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    stalled.url = f"http://127.0.0.1:{runner.addresses[0][1]}/hook"
-    try:
-        yield stalled
-    finally:
-        stalled.release.set()
-        await runner.cleanup()
+    async with serve_http(app) as port:
+        stalled.url = f"http://127.0.0.1:{port}/hook"
+        try:
+            yield stalled
+        finally:
+            stalled.release.set()
 
 
 async def test_webhook_posts_in_flight_are_capped_and_the_rest_counted(hook: StalledHook) -> None:

@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from services.monitor import rules
 from services.monitor.triton_watch import TritonWatch
+from tests.loopback import serve_http
 
 pytestmark = pytest.mark.unit
 
@@ -84,15 +85,9 @@ async def triton() -> AsyncIterator[FakeTriton]:
     app = web.Application()
     app.router.add_post("/v2/repository/index", index)
     app.router.add_get("/metrics", metrics)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    fake.url = f"127.0.0.1:{runner.addresses[0][1]}"
-    try:
+    async with serve_http(app) as port:
+        fake.url = f"127.0.0.1:{port}"
         yield fake
-    finally:
-        await runner.cleanup()
 
 
 def exposed(watch: TritonWatch) -> tuple[dict[str, dict[str, Any]], str]:

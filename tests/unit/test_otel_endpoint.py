@@ -8,15 +8,14 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import grpc
 import pytest
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
 from services.common.settings import CommonSettings
 from services.common.telemetry import setup_tracing
-from services.monitor.otlp_receiver import TraceReceiver
 from services.monitor.traces import TraceStore
+from tests.loopback import otlp_receiver
 
 pytestmark = pytest.mark.unit
 
@@ -25,14 +24,8 @@ pytestmark = pytest.mark.unit
 async def receiver() -> AsyncIterator[tuple[TraceStore, str]]:
     """A TraceReceiver on a free port: its store and its http:// endpoint."""
     store = TraceStore()
-    server = grpc.aio.server()
-    TraceReceiver(store).add_to_server(server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
+    async with otlp_receiver(store) as port:
         yield store, f"http://127.0.0.1:{port}"
-    finally:
-        await server.stop(None)
 
 
 @pytest.fixture(autouse=True)

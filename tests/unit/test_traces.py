@@ -28,8 +28,9 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.trace import SpanKind, StatusCode
 
 from services.monitor.otlp import spans_from_json, spans_from_proto
-from services.monitor.otlp_receiver import TraceReceiver, make_http_handler
+from services.monitor.otlp_receiver import make_http_handler
 from services.monitor.traces import TraceStore
+from tests.loopback import otlp_receiver
 
 pytestmark = pytest.mark.unit
 
@@ -421,11 +422,7 @@ def test_limits_must_be_positive() -> None:
 async def test_grpc_receiver_takes_spans_from_the_real_otlp_exporter() -> None:
     store = TraceStore()
     seen: list[int] = []
-    server = grpc.aio.server()
-    TraceReceiver(store, on_spans=lambda spans: seen.append(len(spans)), clock=lambda: 42).add_to_server(server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
+    async with otlp_receiver(store, on_spans=lambda spans: seen.append(len(spans)), clock=lambda: 42) as port:
         provider = TracerProvider(resource=Resource.create({"service.name": "gateway", "service.instance.id": "gw-1"}))
         provider.add_span_processor(
             SimpleSpanProcessor(OTLPSpanExporter(endpoint=f"127.0.0.1:{port}", insecure=True, timeout=5))
@@ -465,18 +462,12 @@ async def test_grpc_receiver_takes_spans_from_the_real_otlp_exporter() -> None:
             reply = await stub.Export(mesh_request(), timeout=5)
             assert isinstance(reply, ExportTraceServiceResponse) and not reply.HasField("partial_success")
         assert store.get("req-1") is not None and len(store) == 2
-    finally:
-        await server.stop(None)
 
 
 async def test_grpc_receiver_answers_invalid_argument_to_bytes_that_are_not_a_request() -> None:
     """Garbage on the wire is the caller's mistake: INVALID_ARGUMENT saying so, never UNKNOWN; nothing stored."""
     store = TraceStore()
-    server = grpc.aio.server()
-    TraceReceiver(store).add_to_server(server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
+    async with otlp_receiver(store) as port:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             # Identity (de)serializers: the bytes go out exactly as written.
             export = channel.unary_unary("/opentelemetry.proto.collector.trace.v1.TraceService/Export")
@@ -489,8 +480,6 @@ async def test_grpc_receiver_answers_invalid_argument_to_bytes_that_are_not_a_re
             reply = await export(mesh_request().SerializeToString(), timeout=5)
             assert ExportTraceServiceResponse.FromString(reply) == ExportTraceServiceResponse()
         assert len(store) == 1
-    finally:
-        await server.stop(None)
 
 
 # --- OTLP/HTTP receiver -----------------------------------------------------------------------------------------
