@@ -38,6 +38,7 @@ def traced_triton(mesh: Mesh, tmp_path: Path) -> Iterator[TritonServer]:
         trace_otlp_url=f"127.0.0.1:{mesh.ports['monitor_http']}/v1/traces",
         trace_service_name="triton",
         trace_api_key=TEST_API_KEY,  # the monitor's span ingest needs credentials
+        log_verbose=1,  # one request: cheap, and a failed span export leaves its trace in triton.log
     )
     srv.start()
     try:
@@ -65,7 +66,7 @@ def test_triton_spans_continue_the_callers_trace(mesh: Mesh, traced_triton: Trit
 
     def joined() -> dict[str, Any]:
         status, trace = http_json(f"{mesh.monitor_http}/v1/traces/{trace_id}")
-        assert status == 200, trace
+        assert status == 200, (trace, f"Triton's log: {traced_triton.log_file}")
         names = {s["name"] for s in trace["spans"] if s["service"] == "triton"}
         assert {"InferRequest", "compute"} <= names, names
         return trace
